@@ -1,0 +1,124 @@
+"""Few-shot linear evaluation (ViT paper §4.1): the closed-form solver against
+a direct solve of the same ridge problem, leave-one-out against brute force,
+and a separable case that must score 100%."""
+
+import numpy as np
+import pytest
+
+from vit_jax import fewshot
+
+
+def _direct_ridge(x, labels, num_classes, l2):
+  """The same ridge problem, written out and solved with numpy.linalg.solve."""
+  mean = x.mean(0, keepdims=True)
+  std = np.maximum(x.std(0, keepdims=True), 1e-5)
+  xd = np.concatenate([(x - mean) / std, np.full((len(x), 1), fewshot.BIAS_VALUE)], 1)
+  y = 2.0 * np.eye(num_classes)[labels] - 1.0
+  w = np.linalg.solve(xd.T @ xd + l2 * np.eye(xd.shape[1]), xd.T @ y)
+  return w, xd, y, mean, std
+
+
+@pytest.mark.parametrize('n,d', [(60, 8), (7, 40)])  # primal (N > D) and dual (N < D)
+@pytest.mark.parametrize('l2', [0.25, 16.0, 4096.0])
+def test_weights_match_direct_solve(n, d, l2):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3, size=d) + rng.normal(size=d)
+  labels = rng.integers(0, 4, size=n)
+  cache = fewshot.ridge_precompute(x, labels, 4)
+  w_direct, *_ = _direct_ridge(x, labels, 4, l2)
+  np.testing.assert_allclose(fewshot.ridge_weights(cache, l2), w_direct, atol=1e-5, rtol=1e-5)
+  x_test = rng.normal(size=(30, d))
+  w_direct, _, _, mean, std = _direct_ridge(x, labels, 4, l2)
+  xd_test = np.concatenate([(x_test - mean) / std, np.full((30, 1), fewshot.BIAS_VALUE)], 1)
+  np.testing.assert_allclose(fewshot.ridge_predict(cache, fewshot.ridge_weights(cache, l2), x_test),
+                             xd_test @ w_direct, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('n,d', [(40, 6), (6, 20)])
+def test_leave_one_out_matches_refitting(n, d):
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(n, d))
+  labels = rng.integers(0, 3, size=n)
+  cache = fewshot.ridge_precompute(x, labels, 3)
+  _, xd, y, _, _ = _direct_ridge(x, labels, 3, 1.0)
+  for l2 in (0.5, 50.0):
+    preds = []
+    for i in range(n):  # refit without example i (standardisation kept fixed)
+      keep = np.arange(n) != i
+      w = np.linalg.solve(xd[keep].T @ xd[keep] + l2 * np.eye(d + 1), xd[keep].T @ y[keep])
+      preds.append(xd[i] @ w)
+    preds = np.array(preds)
+    acc, mse = fewshot.ridge_loo(cache, l2)
+    assert acc == pytest.approx(np.mean(preds.argmax(1) == labels), abs=1e-12)
+    assert mse == pytest.approx(np.mean((preds - y) ** 2), rel=1e-8)
+
+
+def test_protocol_accuracy_per_l2_matches_direct_solution():
+  rng = np.random.default_rng(2)
+  num_classes, d = 5, 12
+  centres = rng.normal(size=(num_classes, d))
+  labels_train = np.repeat(np.arange(num_classes), 30)
+  x_train = centres[labels_train] + 1.5 * rng.normal(size=(len(labels_train), d))
+  labels_test = rng.integers(0, num_classes, size=200)
+  x_test = centres[labels_test] + 1.5 * rng.normal(size=(200, d))
+  l2s = (1.0, 64.0)
+  res = fewshot.fewshot_accuracies(x_train, labels_train, x_test, labels_test, num_classes,
+                                   shots=(2, 10), seeds=(0, 3), l2_regs=l2s)
+  for k in (2, 10):
+    for l2 in l2s:
+      accs = []
+      for seed in (0, 3):
+        idx = fewshot.sample_shots(labels_train, num_classes, k, seed)
+        w, _, _, mean, std = _direct_ridge(x_train[idx], labels_train[idx], num_classes, l2)
+        xd = np.concatenate([(x_test - mean) / std, np.full((200, 1), fewshot.BIAS_VALUE)], 1)
+        accs.append(np.mean((xd @ w).argmax(1) == labels_test))
+      assert res[k].per_l2[l2] == pytest.approx(np.mean(accs), abs=1e-12)
+    # the reported accuracy is the test accuracy at the penalty LOO chose
+    for seed_acc, l2 in zip(res[k].per_seed, res[k].chosen_l2):
+      assert l2 in l2s and 0.0 <= seed_acc <= 1.0
+  assert res[10].accuracy > 0.5  # 5 classes, chance is 0.2
+
+
+@pytest.mark.parametrize('standardize,centres', [
+    # every feature informative: per-feature standardisation (the default)
+    ('feature', 10.0 * np.random.default_rng(4).normal(size=(10, 32))),
+    # signal in 10 of 32 features: at 1 shot per-feature standardisation would
+    # blow the 22 pure-noise features up to unit variance; 'global' does not
+    ('global', 10.0 * np.eye(10, 32)),
+])
+def test_separable_classes_score_100_percent(standardize, centres):
+  rng = np.random.default_rng(3)
+  num_classes, d = 10, 32
+  labels_train = np.repeat(np.arange(num_classes), 40)
+  x_train = centres[labels_train] + 0.3 * rng.normal(size=(len(labels_train), d))
+  labels_test = np.repeat(np.arange(num_classes), 50)
+  x_test = centres[labels_test] + 0.3 * rng.normal(size=(len(labels_test), d))
+  res = fewshot.fewshot_accuracies(x_train, labels_train, x_test, labels_test, num_classes,
+                                   shots=(1, 5, 10, 25), seeds=(0, 1, 2),
+                                   standardize=standardize)
+  for k, r in res.items():
+    assert r.accuracy == 1.0, (k, r)
+  metrics = fewshot.results_to_metrics('synthetic', res)
+  assert metrics == {f'fewshot/synthetic_{k}shot': 1.0 for k in (1, 5, 10, 25)}
+
+
+def test_sample_shots_nested_and_balanced():
+  labels = np.repeat(np.arange(3), 10)
+  a = fewshot.sample_shots(labels, 3, 2, seed=7)
+  b = fewshot.sample_shots(labels, 3, 5, seed=7)
+  assert np.bincount(labels[a]).tolist() == [2, 2, 2]
+  assert np.bincount(labels[b]).tolist() == [5, 5, 5]
+  assert set(a) <= set(b)
+  assert not np.array_equal(a, fewshot.sample_shots(labels, 3, 2, seed=8))
+
+
+def test_clear_errors():
+  labels = np.array([0, 0, 1])
+  with pytest.raises(fewshot.FewShotError, match='Class 1 has 1 training example'):
+    fewshot.sample_shots(labels, 2, 2, seed=0)
+  with pytest.raises(fewshot.FewShotError, match=r'Labels must lie in \[0, 2\)'):
+    fewshot.ridge_precompute(np.zeros((3, 4)), np.array([0, 1, 2]), 2)
+  with pytest.raises(fewshot.FewShotError, match='NaN or Inf'):
+    fewshot.ridge_precompute(np.full((3, 4), np.nan), labels, 2)
+  with pytest.raises(fewshot.FewShotError, match='must be > 0'):
+    fewshot.ridge_weights(fewshot.ridge_precompute(np.eye(3), labels, 2), 0.0)
