@@ -1,0 +1,615 @@
+"""Data sources -> tf.data -> per-process numpy batches -> global jax.Arrays.
+
+Datasets (`config.dataset`):
+  * a TFDS name, e.g. 'cifar10' or 'oxford_iiit_pet:3.*.*', read from
+    `config.tfds_data_dir`; split strings like 'train[:98%]' are TFDS's own.
+  * 'folder:<root>': images in `root/<split>/<class>/**/*.{jpg,jpeg,png,bmp}`
+    (extensions case-insensitive; labels = sorted class folder names of the
+    train split). Tiny-ImageNet's own layout (`train/<wnid>/images/*.JPEG`,
+    `val/images/*.JPEG` + `val/val_annotations.txt`) is read directly, so
+    'folder:/path/tiny-imagenet-200' with test split 'val' just works.
+    Slices 'train[:90%]' / 'train[90%:]' are taken from a fixed,
+    seed-independent permutation of the sorted file list, so the two parts are
+    disjoint and class-balanced in expectation.
+  * 'digits': scikit-learn's 8x8 handwritten digits (1,797 images, shipped with
+    scikit-learn, no network). Split: every 5th image (index % 5 == 4) is
+    'test' (359), the rest 'train' (1,438).
+
+Determinism and resume (the original restarted the data on resume; we don't):
+the training stream is a sequence of global positions 0, 1, 2, ... Position P
+belongs to epoch P // N and maps to example perm_epoch[P % N], where perm_epoch
+is a stateless shuffle keyed by (config.seed, epoch). Global batch k holds
+positions [k*B, (k+1)*B); process p takes [k*B + p*b, k*B + (p+1)*b). The
+augmentation seed of an example is derived from (config.seed, P). Hence batch k
+is the same whether training started at 0 or resumed at k, and resuming only
+computes integer positions before the first decode (cheap). Large TFDS splits
+that do not fit in memory (more than `config.tfds_in_memory_max` examples) are
+streamed instead: shuffled with a seeded buffer of `config.shuffle_buffer`
+after `repeat()`, and resumed by skipping raw, undecoded records.
+
+Evaluation scores every example: the last batch is padded and `mask` marks real
+examples (the original dropped the remainder, ~3% of CIFAR-10 test).
+
+Config keys read here (defaults in brackets): dataset, tfds_data_dir [None],
+tfds_download [True], tfds_in_memory_max [300_000], train_split, test_split,
+num_classes [dataset's], image_size, pp.train ['inception_crop'],
+pp.eval ['resize'], pp.crop_fraction [0.875], pp.rotation_factor [0.02],
+pp.zoom_factor [0.2], shuffle_buffer [50_000, streaming only], seed [0],
+batch_size, batch_size_eval [batch_size], prefetch [2].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import os
+import re
+from typing import Any, Callable, Iterator, NamedTuple
+
+import numpy as np
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+import tensorflow as tf  # noqa: E402
+
+from vit_jax import preprocess  # noqa: E402
+
+# Keep TensorFlow off any accelerator: JAX owns them.
+try:
+  tf.config.set_visible_devices([], 'GPU')
+except (RuntimeError, ValueError):  # already initialised / no GPU support
+  pass
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+ACCEPTED_DATASETS = "a TFDS name (e.g. 'cifar10'), 'folder:<root>' or 'digits'"
+
+_SHUFFLE_SALT = 0x5EED
+_AUGMENT_SALT = 0xA06
+
+
+class DatasetInfo(NamedTuple):
+  num_classes: int
+  num_train: int
+  num_test: int
+  class_names: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Source:
+  """One split of a dataset, ready for random access (or streaming).
+
+  kind: 'files'   data = np.ndarray[str] of image paths
+        'encoded' data = np.ndarray[object] of encoded image bytes (in memory)
+        'array'   data = np.ndarray uint8 (N, H, W, 3)
+        'stream'  data = callable returning a tf.data.Dataset of
+                  (encoded bytes, label) in a fixed order (large TFDS splits).
+  labels: int32 (N,) for random-access kinds; None for 'stream'.
+  """
+
+  description: str
+  kind: str
+  data: Any
+  labels: np.ndarray | None
+  num_examples: int | None
+  class_names: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------------
+# Split strings
+# ----------------------------------------------------------------------------
+
+_SPLIT_RE = re.compile(r'^\s*([\w.\-]+)\s*(?:\[\s*([^:\]]*?)\s*:\s*([^\]]*?)\s*\])?\s*$')
+
+
+def parse_split(split: str) -> tuple[str, str | None, str | None]:
+  """'train[:98%]' -> ('train', None, '98%'); 'test' -> ('test', None, None)."""
+  m = _SPLIT_RE.match(split)
+  if not m:
+    raise ValueError(
+        f"Cannot parse split {split!r}: expected 'name' or 'name[start:stop]' with integers or "
+        "percentages, e.g. 'train[:98%]'."
+    )
+  return m.group(1), m.group(2) or None, m.group(3) or None
+
+
+def _bound(spec: str | None, n: int, default: int, split: str) -> int:
+  if spec is None:
+    return default
+  try:
+    if spec.endswith('%'):
+      value = round(float(spec[:-1]) * n / 100.0)
+    else:
+      value = int(spec)
+  except ValueError as e:
+    raise ValueError(f'Bad slice bound {spec!r} in split {split!r}.') from e
+  if value < 0:
+    value += n
+  return min(max(value, 0), n)
+
+
+def slice_indices(split: str, n: int) -> np.ndarray | None:
+  """Indices selected by the slice in `split` (None = no slice) on a fixed permutation of range(n)."""
+  _, start, stop = parse_split(split)
+  if start is None and stop is None:
+    return None
+  a, b = _bound(start, n, 0, split), _bound(stop, n, n, split)
+  # Seed-independent permutation so that slices of class-sorted lists stay balanced.
+  perm = np.random.default_rng(20201022).permutation(n)
+  return np.sort(perm[a:b])
+
+
+def _apply_slice(split: str, data: Any, labels: np.ndarray) -> tuple[Any, np.ndarray]:
+  sel = slice_indices(split, len(labels))
+  if sel is None:
+    return data, labels
+  if len(sel) == 0:
+    raise ValueError(f'Split {split!r} selects no examples (of {len(labels)}).')
+  return data[sel], labels[sel]
+
+
+# ----------------------------------------------------------------------------
+# Sources
+# ----------------------------------------------------------------------------
+
+
+def _digits_source(split: str) -> Source:
+  """scikit-learn's digits: 8x8 grey values 0..16 -> uint8 0..255 RGB."""
+  from sklearn.datasets import load_digits
+
+  name, _, _ = parse_split(split)
+  digits = load_digits()
+  images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+  images = np.repeat(images[..., None], 3, axis=-1)
+  labels = digits.target.astype(np.int32)
+  is_test = np.arange(len(labels)) % 5 == 4  # fixed 80/20 rule, independent of config.seed
+  if name == 'train':
+    keep = ~is_test
+  elif name == 'test':
+    keep = is_test
+  else:
+    raise ValueError(f"Dataset 'digits' has splits 'train' and 'test', got {split!r}.")
+  images, labels = _apply_slice(split, images[keep], labels[keep])
+  return Source(f'digits/{split}', 'array', images, labels, len(labels), tuple(str(i) for i in range(10)))
+
+
+def _is_image(name: str) -> bool:
+  return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _list_images(directory: str) -> list[str]:
+  out = []
+  for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
+    dirnames.sort()
+    out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
+  return out
+
+
+def _subdirs(path: str) -> list[str]:
+  return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith('.'))
+
+
+def _folder_split_dir(root: str, name: str) -> str:
+  if not os.path.isdir(root):
+    raise ValueError(f"Image folder root {root!r} does not exist (from dataset 'folder:{root}').")
+  path = os.path.join(root, name)
+  if not os.path.isdir(path):
+    raise ValueError(
+        f'Split folder {path!r} does not exist. Expected layout root/<split>/<class>/*.jpg; '
+        f'splits found in {root!r}: {_subdirs(root)}.'
+    )
+  return path
+
+
+def _folder_class_names(root: str, train_split: str) -> tuple[str, ...]:
+  """Label order: sorted class folder names of the train split (identical for every split)."""
+  path = _folder_split_dir(root, parse_split(train_split)[0])
+  classes = tuple(_subdirs(path))
+  if not classes:
+    raise ValueError(f'No class folders in {path!r}: expected {path}/<class>/<image files>.')
+  return classes
+
+
+def _folder_source(root: str, split: str, train_split: str) -> Source:
+  root = os.path.abspath(os.path.expanduser(root))
+  name = parse_split(split)[0]
+  split_dir = _folder_split_dir(root, name)
+  classes = _folder_class_names(root, train_split)
+  class_index = {c: i for i, c in enumerate(classes)}
+  annotations = os.path.join(split_dir, 'val_annotations.txt')
+  paths: list[str] = []
+  labels: list[int] = []
+  if os.path.isfile(annotations):
+    # Tiny-ImageNet validation layout: val/images/<file> listed with its wnid.
+    with open(annotations) as f:
+      for lineno, line in enumerate(f, 1):
+        fields = line.split('\t')
+        if len(fields) < 2:
+          continue
+        if fields[1] not in class_index:
+          raise ValueError(f'{annotations}:{lineno}: class {fields[1]!r} is not a class of the train split.')
+        paths.append(os.path.join(split_dir, 'images', fields[0]))
+        labels.append(class_index[fields[1]])
+  else:
+    found = _subdirs(split_dir)
+    unknown = [c for c in found if c not in class_index]
+    if unknown:
+      hint = ''
+      if os.path.isfile(os.path.join(root, 'wnids.txt')):
+        hint = " (Tiny-ImageNet's 'test' split has no labels: use test_split='val')"
+      raise ValueError(
+          f'Split folder {split_dir!r} has class folders that the train split '
+          f'{train_split!r} lacks: {unknown[:5]}{hint}.'
+      )
+    for c in found:
+      files = _list_images(os.path.join(split_dir, c))
+      paths.extend(files)
+      labels.extend([class_index[c]] * len(files))
+  if not paths:
+    raise ValueError(
+        f'No images with extensions {IMAGE_EXTENSIONS} (any case) found under {split_dir!r}; '
+        'expected root/<split>/<class>/<image files>.'
+    )
+  data, label_arr = _apply_slice(split, np.array(paths), np.array(labels, np.int32))
+  return Source(f'folder:{root}/{split}', 'files', data, label_arr, len(label_arr), classes)
+
+
+def _tfds_source(name: str, split: str, data_dir: str | None, download: bool, in_memory_max: int) -> Source:
+  import tensorflow_datasets as tfds
+
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except ValueError as e:  # DatasetNotFoundError, or a name TFDS cannot parse
+    raise ValueError(f'Unknown dataset {name!r}: expected {ACCEPTED_DATASETS}.') from e
+  image_key, label_key = builder.info.supervised_keys or ('image', 'label')
+  if not isinstance(image_key, str) or not isinstance(label_key, str):
+    image_key, label_key = 'image', 'label'
+  features = builder.info.features
+  if image_key not in features or label_key not in features:
+    raise ValueError(f'TFDS dataset {name!r} has no {image_key!r}/{label_key!r} features: {list(features)}.')
+  class_names = tuple(features[label_key].names)
+  decoders = {image_key: tfds.decode.SkipDecoding()}
+
+  def raw() -> tf.data.Dataset:
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+    return ds.map(lambda ex: (ex[image_key], tf.cast(ex[label_key], tf.int32)))
+
+  try:
+    raw()
+  except AssertionError as e:  # TFDS: "could not find data in <data_dir>"
+    if not download:
+      raise ValueError(
+          f'TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}. Run '
+          f'`tfds build {name} --data_dir=<dir>` on a machine with network access, or set '
+          "config.tfds_download=True, or use 'folder:<root>' for local images."
+      ) from e
+    logging.info('Downloading and preparing TFDS %s into %s (config.tfds_download=True).', name, data_dir)
+    builder.download_and_prepare()
+  try:
+    num = builder.info.splits[split].num_examples
+  except (KeyError, ValueError):
+    num = None  # e.g. under tfds.testing.mock_data, whose info.splits is empty
+  if num is not None and num > in_memory_max:
+    return Source(f'tfds:{name}/{split}', 'stream', raw, None, num, class_names)
+  images, labels = [], []
+  for image, label in raw().as_numpy_iterator():
+    images.append(image)
+    labels.append(label)
+  if not images:
+    raise ValueError(f'TFDS split {name}/{split} is empty.')
+  data = np.empty(len(images), dtype=object)
+  data[:] = images
+  return Source(f'tfds:{name}/{split}', 'encoded', data, np.array(labels, np.int32), len(images), class_names)
+
+
+@functools.lru_cache(maxsize=16)
+def load_source(
+    dataset: str,
+    split: str,
+    *,
+    train_split: str = 'train',
+    data_dir: str | None = None,
+    download: bool = True,
+    in_memory_max: int = 300_000,
+) -> Source:
+  """Returns the Source of one split (cached: listing a folder or reading TFDS happens once)."""
+  if not isinstance(dataset, str) or not dataset:
+    raise ValueError(f'config.dataset must be {ACCEPTED_DATASETS}, got {dataset!r}.')
+  if dataset == 'digits':
+    return _digits_source(split)
+  if dataset.startswith('folder:'):
+    root = dataset[len('folder:') :]
+    if not root:
+      raise ValueError("dataset 'folder:<root>' needs a root path, e.g. 'folder:/data/flowers'.")
+    return _folder_source(root, split, train_split)
+  return _tfds_source(dataset, split, data_dir, download, in_memory_max)
+
+
+def _source(config: Any, split: str) -> Source:
+  return load_source(
+      config.dataset,
+      split,
+      train_split=config.get('train_split', 'train'),
+      data_dir=config.get('tfds_data_dir'),
+      download=bool(config.get('tfds_download', True)),
+      in_memory_max=int(config.get('tfds_in_memory_max', 300_000)),
+  )
+
+
+def get_dataset_info(config: Any) -> DatasetInfo:
+  """Class count, split sizes and class names (label order) of config.dataset."""
+  train = _source(config, config.train_split)
+  test = _source(config, config.test_split)
+  return DatasetInfo(len(train.class_names), int(train.num_examples or 0), int(test.num_examples or 0),
+                     train.class_names)
+
+
+# ----------------------------------------------------------------------------
+# Index streams (integers only: cheap to skip)
+# ----------------------------------------------------------------------------
+
+
+def _shard_chunks(ds: tf.data.Dataset, chunk: int, count: int, index: int) -> tf.data.Dataset:
+  """Keeps chunk c of `chunk` consecutive elements iff c % count == index (per-process share)."""
+  if count == 1:
+    return ds
+  return ds.batch(chunk, drop_remainder=True).shard(count, index).unbatch()
+
+
+def _train_positions(n: int, seed: int, start_position: int) -> tf.data.Dataset:
+  """(position, example index) pairs from `start_position` on, epoch after epoch."""
+  key = tf.constant([seed, _SHUFFLE_SALT], tf.int64)
+
+  def epoch(e):
+    perm = tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), seed=tf.random.experimental.stateless_fold_in(key, e)
+    )
+    return tf.data.Dataset.from_tensor_slices((e * n + tf.range(n, dtype=tf.int64), perm))
+
+  e0, offset = divmod(start_position, n)
+  return tf.data.Dataset.range(e0, 2**62).flat_map(epoch).skip(offset)
+
+
+def _eval_positions(n: int, padded: int) -> tf.data.Dataset:
+  """(position, example index, mask) for positions 0..padded-1; padding repeats example 0."""
+  pos = tf.data.Dataset.range(padded)
+  return pos.map(lambda p: (p, tf.where(p < n, p, tf.zeros_like(p)), tf.cast(p < n, tf.float32)))
+
+
+# ----------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------
+
+
+def decode_image(encoded: tf.Tensor) -> tf.Tensor:
+  """JPEG/PNG/BMP/GIF bytes -> uint8 (H, W, 3); greyscale is expanded, alpha dropped."""
+  image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def _loader(source: Source) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
+  """fn(example index) -> (uint8 image, int32 label) for random-access sources."""
+  labels = tf.constant(source.labels, tf.int32)
+  if source.kind == 'files':
+    paths = tf.constant(source.data)
+    return lambda i: (decode_image(tf.io.read_file(tf.gather(paths, i))), tf.gather(labels, i))
+  if source.kind == 'encoded':
+    blobs = tf.constant(source.data.tolist(), tf.string)
+    return lambda i: (decode_image(tf.gather(blobs, i)), tf.gather(labels, i))
+  if source.kind == 'array':
+    images = tf.constant(source.data, tf.uint8)
+    return lambda i: (tf.gather(images, i), tf.gather(labels, i))
+  raise ValueError(f'Source kind {source.kind!r} is not random-access.')
+
+
+def check_image_file(path: str) -> None:
+  """Raises ValueError naming `path` if it cannot be read and decoded as an image."""
+  try:
+    decode_image(tf.io.read_file(path)).numpy()
+  except tf.errors.OpError as e:
+    reason = (e.message or str(e)).strip().splitlines()[0]
+    raise ValueError(
+        f'Cannot decode image file {path!r}: {reason}. Delete or re-save this file '
+        f'(accepted formats: {", ".join(IMAGE_EXTENSIONS)}).'
+    ) from None
+
+
+# ----------------------------------------------------------------------------
+# Iterators
+# ----------------------------------------------------------------------------
+
+
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  return int(process_index), int(process_count)
+
+
+def _per_process(global_batch: int, process_count: int, what: str) -> int:
+  if global_batch <= 0 or global_batch % process_count:
+    raise ValueError(f'{what}={global_batch} must be a positive multiple of the process count {process_count}.')
+  return global_batch // process_count
+
+
+def _check_classes(config: Any, source: Source) -> None:
+  wanted = config.get('num_classes')
+  if wanted is not None and int(wanted) < len(source.class_names):
+    raise ValueError(
+        f'config.num_classes={wanted} but {config.dataset!r} has {len(source.class_names)} classes '
+        f'({list(source.class_names[:5])}...): set config.num_classes={len(source.class_names)}.'
+    )
+
+
+def _pp(config: Any, key: str, default: Any) -> Any:
+  pp = config.get('pp') or {}
+  value = pp.get(key, None) if hasattr(pp, 'get') else None
+  return default if value is None else value
+
+
+def _finish(ds: tf.data.Dataset, batch: int, config: Any) -> tf.data.Dataset:
+  ds = ds.batch(batch, drop_remainder=True).prefetch(int(config.get('prefetch', 2)))
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  return ds.with_options(options)
+
+
+class BatchIterator:
+  """Iterates numpy batches; turns undecodable-image errors into a message naming the file."""
+
+  def __init__(self, ds: tf.data.Dataset, diagnose: Callable[[int, Exception], None] | None = None):
+    self._ds = ds
+    self._it: Iterator[dict[str, np.ndarray]] = iter(ds.as_numpy_iterator())
+    self._diagnose = diagnose
+    self.batches_read = 0
+
+  def __iter__(self) -> 'BatchIterator':
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    try:
+      batch = next(self._it)
+    except tf.errors.OpError as e:
+      if self._diagnose is not None:
+        self._diagnose(self.batches_read, e)
+      raise
+    self.batches_read += 1
+    return batch
+
+
+def _file_diagnosis(source: Source, index_ds_from: Callable[[int], tf.data.Dataset], batch: int, lookahead: int = 4):
+  """Returns diagnose(batches_read, error): re-checks the files of the failing batch(es) eagerly."""
+
+  def diagnose(batches_read: int, error: Exception) -> None:
+    if source.kind != 'files':
+      return
+    checked = set()
+    for idx in index_ds_from(batches_read).take(batch * lookahead).as_numpy_iterator():
+      if idx in checked:
+        continue
+      checked.add(idx)
+      check_image_file(str(source.data[idx]))  # raises ValueError naming the file
+
+  return diagnose
+
+
+def make_train_iter(
+    config: Any,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> BatchIterator:
+  """Infinite iterator of this process's training batches, starting at global step `start_step`.
+
+  Yields {'image': float32 (b, H, W, 3) in [-1, 1], 'label': int32 (b,)} with
+  b = config.batch_size // process_count. Batch k depends only on (config, k).
+  """
+  pi, pc = _process_info(process_index, process_count)
+  b = _per_process(int(config.batch_size), pc, 'config.batch_size')
+  source = _source(config, config.train_split)
+  _check_classes(config, source)
+  seed = int(config.get('seed', 0))
+  train_fn = preprocess.get_train_fn(
+      _pp(config, 'train', 'inception_crop'),
+      config.image_size,
+      rotation_factor=float(_pp(config, 'rotation_factor', preprocess.RPT_ROTATION_FACTOR)),
+      zoom_factor=float(_pp(config, 'zoom_factor', preprocess.RPT_ZOOM_FACTOR)),
+  )
+  aug_key = tf.constant([seed, _AUGMENT_SALT], tf.int64)
+  start_position = int(start_step) * b * pc
+
+  def augment(pos, image, label):
+    example_seed = tf.random.experimental.stateless_fold_in(aug_key, pos)
+    return {'image': train_fn(image, example_seed), 'label': label}
+
+  if source.kind == 'stream':
+    buffer = int(config.get('shuffle_buffer', 50_000))
+    if start_position:
+      logging.info('Resuming the streamed dataset: skipping %d raw records.', start_position)
+    ds = source.data().repeat().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.enumerate().skip(start_position)
+    ds = _shard_chunks(ds, b, pc, pi)
+    ds = ds.map(lambda pos, ex: augment(pos, decode_image(ex[0]), ex[1]), num_parallel_calls=tf.data.AUTOTUNE)
+    return BatchIterator(_finish(ds, b, config))
+
+  n = int(source.num_examples)
+  load = _loader(source)
+
+  def indices_from(step: int) -> tf.data.Dataset:
+    ds = _shard_chunks(_train_positions(n, seed, int(step) * b * pc), b, pc, pi)
+    return ds.map(lambda pos, idx: idx)
+
+  ds = _shard_chunks(_train_positions(n, seed, start_position), b, pc, pi)
+  ds = ds.map(lambda pos, idx: augment(pos, *load(idx)), num_parallel_calls=tf.data.AUTOTUNE)
+  diagnose = _file_diagnosis(source, lambda k: indices_from(start_step + k), b)
+  return BatchIterator(_finish(ds, b, config), diagnose)
+
+
+def make_eval_iter(
+    config: Any,
+    split: str | None = None,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> BatchIterator:
+  """Finite iterator over ALL examples of `split` (default config.test_split), in order.
+
+  Batches have b = config.batch_size_eval // process_count rows; the last global
+  batch is padded and {'mask': float32 (b,)} is 1 for real examples, 0 for padding.
+  Every process yields the same number of batches.
+  """
+  pi, pc = _process_info(process_index, process_count)
+  batch_eval = int(config.get('batch_size_eval') or config.batch_size)
+  b = _per_process(batch_eval, pc, 'config.batch_size_eval')
+  source = _source(config, split or config.test_split)
+  _check_classes(config, source)
+  eval_fn = preprocess.get_eval_fn(
+      _pp(config, 'eval', 'resize'), config.image_size, crop_fraction=float(_pp(config, 'crop_fraction', 0.875))
+  )
+  if not source.num_examples:
+    raise ValueError(f'Cannot evaluate on {source.description}: its size is unknown or zero.')
+  n = int(source.num_examples)
+  padded = math.ceil(n / batch_eval) * batch_eval
+
+  def finish(image, label, mask):
+    return {'image': eval_fn(image), 'label': label, 'mask': mask}
+
+  if source.kind == 'stream':
+    pad = tf.data.Dataset.from_tensors((tf.constant(b'', tf.string), tf.constant(0, tf.int32))).repeat(padded - n)
+    ds = source.data().concatenate(pad).enumerate()
+    ds = _shard_chunks(ds, b, pc, pi)
+
+    def decode_or_blank(pos, ex):
+      real = pos < n
+      image = tf.cond(real, lambda: decode_image(ex[0]), lambda: tf.zeros([1, 1, 3], tf.uint8))
+      return finish(image, ex[1], tf.cast(real, tf.float32))
+
+    ds = ds.map(decode_or_blank, num_parallel_calls=tf.data.AUTOTUNE)
+    return BatchIterator(_finish(ds, b, config))
+
+  load = _loader(source)
+  ds = _shard_chunks(_eval_positions(n, padded), b, pc, pi)
+
+  def load_eval(pos, idx, mask):
+    image, label = load(idx)
+    return finish(image, label, mask)
+
+  ds = ds.map(load_eval, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def indices_from(k: int) -> tf.data.Dataset:
+    return _shard_chunks(_eval_positions(n, padded), b, pc, pi).skip(k * b).map(lambda pos, idx, mask: idx)
+
+  return BatchIterator(_finish(ds, b, config), _file_diagnosis(source, indices_from, b))
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, Any]:
+  """Per-process numpy batch -> global jax.Arrays laid out by `sharding` (batch dim sharded)."""
+  import jax
+
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
