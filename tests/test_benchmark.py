@@ -1,0 +1,126 @@
+"""Tests for vit_jax.benchmark: what is timed, how figures are derived, the train step."""
+
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vit_jax import benchmark
+
+
+class _FakeClock:
+  """perf_counter stand-in: call k returns ticks[k]."""
+
+  def __init__(self, ticks):
+    self.ticks = list(ticks)
+    self.calls = 0
+
+  def __call__(self):
+    self.calls += 1
+    return self.ticks[self.calls - 1]
+
+
+def test_time_calls_counts_and_excludes_warmup():
+  calls = []
+  fn = lambda: calls.append(1) or jnp.zeros(())
+  # Warm-up is not timed: the clock is read only around the 3 timed calls.
+  clock = _FakeClock([0.0, 0.5, 1.0, 1.25, 2.0, 3.0])
+  times = benchmark.time_calls(fn, repeats=3, warmup=2, timer=clock)
+  assert len(calls) == 5
+  assert clock.calls == 6
+  np.testing.assert_allclose(times, [0.5, 0.25, 1.0])
+
+
+def test_time_calls_rejects_compilation_inside_timing():
+  shapes = iter([(2,), (3,)])  # a new shape each call forces a retrace + compile
+  f = jax.jit(lambda x: x * 2)
+  with pytest.raises(RuntimeError, match='compilation'):
+    benchmark.time_calls(lambda: f(jnp.ones(next(shapes))), repeats=2, warmup=0)
+
+
+def test_time_calls_bad_repeats():
+  with pytest.raises(ValueError, match='repeats must be >= 1'):
+    benchmark.time_calls(lambda: jnp.zeros(()), repeats=0)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  return benchmark.build('testing', num_classes=10, resolution=16)
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_benchmark_result(tiny, train):
+  model, variables = tiny
+  r = benchmark.benchmark(model, variables, batch=4, resolution=16, train=train, repeats=2,
+                          num_classes=10, name='testing')
+  assert r.mode == ('train' if train else 'inference')
+  assert len(r.step_times) == 2 and all(t > 0 for t in r.step_times)
+  assert r.images_per_sec == pytest.approx(4 / statistics.median(r.step_times))
+  assert r.compile_s > 0
+  # 'testing' preset: patch 4, width 64, mlp 128, 2 layers, 10-class head.
+  assert r.num_params == sum(x.size for x in jax.tree.leaves(variables['params']))
+  assert r.gflops_per_image is None or r.gflops_per_image > 0
+  assert 'img/s' in r.summary()
+
+
+def test_benchmark_uses_the_injected_timer(tiny):
+  model, variables = tiny
+  clock = _FakeClock([0.0, 0.1, 1.0, 1.3, 2.0, 2.2])
+  r = benchmark.benchmark(model, variables, batch=6, resolution=16, repeats=3, timer=clock)
+  np.testing.assert_allclose(r.step_times, [0.1, 0.3, 0.2])
+  assert r.images_per_sec == pytest.approx(6 / 0.2)
+
+
+def test_train_step_equals_manual_sgd(tiny):
+  """The timed step is a real SGD-momentum step: same params as optax by hand."""
+  model, variables = tiny
+  params = variables['params']
+  x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
+  y = jnp.array([0, 3, 7, 9])
+  tx = optax.sgd(0.1, momentum=0.9)
+  # The head is zero-initialised; perturb it so every gradient is non-trivial.
+  params = jax.tree.map(lambda p: p + 0.01 * jnp.ones_like(p), params)
+  state = {'params': params, 'opt_state': tx.init(params)}
+  step = jax.jit(benchmark.make_train_step(model, tx))
+  new_state, loss = step(state, x, y, jax.random.key(2))
+
+  def loss_fn(p):
+    logits = model.apply({'params': p}, x, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  ref_loss, grads = jax.value_and_grad(loss_fn)(params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  expected = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(new_state['params']), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(new_state['params']['head']['kernel'], params['head']['kernel'])
+
+
+def test_distill_logits_loss_uses_both_heads():
+  logits = jnp.array([[[2., 0.], [0., 2.]]])  # (B=1, heads=2, C=2)
+  labels = jnp.array([0])
+  ce_right = optax.softmax_cross_entropy_with_integer_labels(jnp.array([2., 0.]), 0)
+  ce_wrong = optax.softmax_cross_entropy_with_integer_labels(jnp.array([0., 2.]), 0)
+  np.testing.assert_allclose(benchmark._loss(logits, labels), (ce_right + ce_wrong) / 2,
+                             rtol=1e-6)
+
+
+def test_config_merging_and_errors():
+  import ml_collections
+  cfg = ml_collections.ConfigDict({'model_name': 'testing',
+                                   'model': {'transformer': {'num_layers': 1}}})
+  model_cfg, name = benchmark.model_config_from_experiment(cfg)
+  assert name == 'testing'
+  assert model_cfg['transformer']['num_layers'] == 1
+  assert model_cfg['transformer']['num_heads'] == 2  # kept from the preset
+  with pytest.raises(ValueError, match='neither `model_name` nor `model`'):
+    benchmark.model_config_from_experiment(ml_collections.ConfigDict({'seed': 0}))
+  with pytest.raises(ValueError, match='dtype must be one of'):
+    benchmark.build('testing', num_classes=2, resolution=8, dtype='float16')
+  with pytest.raises(ValueError, match='batch and resolution must be positive'):
+    model, variables = benchmark.build('testing', num_classes=2, resolution=8)
+    benchmark.benchmark(model, variables, batch=0, resolution=8)

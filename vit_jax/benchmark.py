@@ -1,0 +1,333 @@
+r"""Throughput of any model preset or config: images/sec, compilation excluded.
+
+The RPT report compares models by inference throughput (its Tables 1, 2 and 5)
+and the original repository shipped an ``inference_time`` tool; this module is
+both. Usage::
+
+  python -m vit_jax.benchmark --model=ViT-B_16 --resolution=224 --batch=32
+  python -m vit_jax.benchmark --model=ViT-Ti_16 --resolution=224 --batch=32 --train
+  python -m vit_jax.benchmark --config=configs/scratch.py:vit_ti,cifar10 --batch=64
+
+How it measures (and why):
+- The step is compiled ahead of time (``jit(...).lower(...).compile()``) and
+  that time is reported separately as ``compile_s``; the timed calls run the
+  compiled executable only. A JAX monitoring listener counts backend
+  compilations during the timed calls, and the run fails if there is one, so a
+  silent retrace can never leak into a figure.
+- One untimed warm-up call follows compilation (first-call allocations).
+- Each repeat times one call with ``block_until_ready``; the reported figure is
+  ``batch / median(call times)``. The median resists the bursts of host noise
+  seen on shared machines.
+- ``--train`` times a real training step: forward, backward (``jax.grad`` of
+  softmax cross-entropy) and an optax SGD-momentum update with the state
+  donated, as the training loop does. BatchNorm models update ``batch_stats``.
+- Images live on the first device, so the figure is per device (the original's
+  ``img_sec_core``); on a CPU the one device spans all host cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+_COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
+
+
+@dataclasses.dataclass
+class Result:
+  """One throughput measurement. `images_per_sec` = batch / median(step_times)."""
+  name: str
+  mode: str                 # 'inference' or 'train'
+  batch: int
+  resolution: int
+  dtype: str
+  num_params: int
+  compile_s: float          # trace + lower + XLA compile, excluded from the figures
+  step_times: list[float]   # seconds per timed call, one per repeat
+  images_per_sec: float
+  gflops_per_image: float | None = None   # XLA cost analysis, when available
+  device: str = ''
+
+  @property
+  def achieved_gflops(self) -> float | None:
+    """GFLOP/s actually reached: compare with the device's matmul peak."""
+    if self.gflops_per_image is None:
+      return None
+    return self.gflops_per_image * self.images_per_sec
+
+  def summary(self) -> str:
+    times = self.step_times
+    extra = ''
+    if self.achieved_gflops is not None:
+      extra = (f', {self.gflops_per_image:.2f} GFLOP/img, '
+               f'{self.achieved_gflops:.0f} GFLOP/s')
+    return (f'{self.name} {self.mode} @{self.resolution}px batch {self.batch} '
+            f'{self.dtype}: {self.images_per_sec:.1f} img/s (median of {len(times)}; '
+            f'min-max step {min(times) * 1e3:.1f}-{max(times) * 1e3:.1f} ms), '
+            f'compile {self.compile_s:.2f} s, {self.num_params / 1e6:.2f}M params{extra} '
+            f'[{self.device}]')
+
+
+class _CompileCounter:
+  """Counts XLA backend compilations while active (jax.monitoring listener)."""
+
+  def __init__(self):
+    self.count = 0
+    self.active = False
+    jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+  def _on_event(self, event: str, duration: float, **kwargs: Any) -> None:
+    del duration, kwargs
+    if self.active and event == _COMPILE_EVENT:
+      self.count += 1
+
+
+_COUNTER: _CompileCounter | None = None
+
+
+def _compile_counter() -> _CompileCounter:
+  # One listener per process: jax.monitoring has no public way to unregister.
+  global _COUNTER
+  if _COUNTER is None:
+    _COUNTER = _CompileCounter()
+  return _COUNTER
+
+
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1,
+               timer: Callable[[], float] = time.perf_counter) -> list[float]:
+  """Calls `fn` warmup + repeats times; returns the `repeats` wall times (s).
+
+  `fn` must return (a pytree of) jax arrays: each call is waited for with
+  `block_until_ready`, since JAX dispatch is asynchronous. Raises if XLA
+  compiles anything during the timed calls (a retrace would be timed).
+  """
+  if repeats < 1:
+    raise ValueError(f'repeats must be >= 1, got {repeats}')
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  counter = _compile_counter()
+  counter.count, counter.active = 0, True
+  times = []
+  try:
+    for _ in range(repeats):
+      start = timer()
+      jax.block_until_ready(fn())
+      times.append(timer() - start)
+  finally:
+    counter.active = False
+  if counter.count:
+    raise RuntimeError(
+        f'{counter.count} XLA compilation(s) happened inside the timed calls: the '
+        'step is being retraced (changing shapes/dtypes or non-hashable static '
+        'arguments?), so the figures would include compile time.')
+  return times
+
+
+def _flops(compiled: Any) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - cost analysis is optional and backend dependent
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+def _num_params(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  # DeiT returns (B, 2, C) at train time: both heads get the label here.
+  if logits.ndim == 3:
+    labels = jnp.broadcast_to(labels[:, None], logits.shape[:2])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_train_step(model: Any, tx: optax.GradientTransformation) -> Callable:
+  """Returns step(state, images, labels, rng) -> (state, loss), one SGD step.
+
+  `state` = {'params', 'opt_state'} plus 'batch_stats' for BatchNorm models.
+  """
+
+  def step(state, images, labels, rng):
+    extra = {'batch_stats': state['batch_stats']} if 'batch_stats' in state else {}
+    rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(_RNG_NAMES)}
+
+    def loss_fn(params):
+      if extra:
+        logits, new_vars = model.apply({'params': params, **extra}, images, train=True,
+                                       rngs=rngs, mutable=['batch_stats'])
+        return _loss(logits, labels), new_vars
+      logits = model.apply({'params': params}, images, train=True, rngs=rngs)
+      return _loss(logits, labels), {}
+
+    (loss, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    new_state = dict(state, params=optax.apply_updates(state['params'], updates),
+                     opt_state=opt_state)
+    if extra:
+      new_state['batch_stats'] = new_vars['batch_stats']
+    return new_state, loss
+
+  return step
+
+
+# Random streams a model may draw from at train time (dropout; the RPT angle).
+_RNG_NAMES = ('dropout', 'rpt', 'augment')
+
+
+def benchmark(model: Any, variables: dict[str, Any], *, batch: int, resolution: int,
+              train: bool = False, repeats: int = 10, warmup: int = 1,
+              num_classes: int = 1000, name: str = 'model', dtype: str = 'float32',
+              timer: Callable[[], float] = time.perf_counter) -> Result:
+  """Measures `model`'s inference (or training) images/sec on one device.
+
+  `variables` is {'params': ..., ['batch_stats': ...]} as returned by init.
+  """
+  if batch < 1 or resolution < 1:
+    raise ValueError(f'batch and resolution must be positive, got {batch}, {resolution}')
+  device = jax.devices()[0]
+  key = jax.random.key(0)
+  images = jax.random.uniform(key, (batch, resolution, resolution, 3), jnp.float32, -1., 1.)
+  variables = jax.device_put(variables, device)
+
+  if train:
+    labels = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, num_classes)
+    tx = optax.sgd(1e-3, momentum=0.9)
+    # The step donates its state: work on a copy so the caller's arrays survive.
+    state = jax.tree.map(jnp.copy, dict(variables, opt_state=tx.init(variables['params'])))
+    step_fn = jax.jit(make_train_step(model, tx), donate_argnums=0)
+    start = time.perf_counter()
+    compiled = step_fn.lower(state, images, labels, key).compile()
+    compile_s = time.perf_counter() - start
+    box = {'state': state, 'i': 0}
+
+    def call():
+      box['i'] += 1
+      box['state'], loss = compiled(box['state'], images, labels, jax.random.fold_in(key, box['i']))
+      return loss
+  else:
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    start = time.perf_counter()
+    compiled = apply.lower(variables, images).compile()
+    compile_s = time.perf_counter() - start
+
+    def call():
+      return compiled(variables, images)
+
+  times = time_calls(call, repeats, warmup, timer)
+  flops = _flops(compiled)
+  return Result(
+      name=name, mode='train' if train else 'inference', batch=batch, resolution=resolution,
+      dtype=dtype, num_params=_num_params(variables['params']), compile_s=compile_s,
+      step_times=times, images_per_sec=batch / statistics.median(times),
+      gflops_per_image=flops / batch / 1e9 if flops else None,
+      device=f'{device.platform}:{device.device_kind}')
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+  out = dict(base)
+  for k, v in override.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out
+
+
+def model_config_from_experiment(config: Any) -> tuple[Any, str]:
+  """(model config, display name) from a training config (configs/*.py schema).
+
+  `config.model_name` picks a preset and `config.model` overrides its fields;
+  either may be absent, not both.
+  """
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  name = config.get('model_name')
+  override = config.get('model')
+  if name is None and override is None:
+    raise ValueError('The config sets neither `model_name` nor `model`: nothing to benchmark.')
+  base = models.get_config(name).to_dict() if name else {}
+  if override is not None:
+    base = _merge(base, override.to_dict() if hasattr(override, 'to_dict') else dict(override))
+  return base, name or base.get('model_name') or 'config'
+
+
+def build(model_config: Any, *, num_classes: int, resolution: int, dtype: str = 'float32',
+          seed: int = 0) -> tuple[Any, dict[str, Any]]:
+  """Returns (module, variables) for a preset name or a model config dict."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
+  overrides = {} if dtype == 'float32' else {'dtype': DTYPES[dtype]}
+  try:
+    model = models.get_model(model_config, num_classes=num_classes, **overrides)
+  except TypeError as e:
+    raise ValueError(f'This model does not take a dtype (--dtype={dtype}): {e}') from e
+  x = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
+  variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(seed))
+  return model, dict(variables)
+
+
+def run(model_config: Any, *, name: str, batch: int, resolution: int, train: bool = False,
+        repeats: int = 10, dtype: str = 'float32', num_classes: int = 1000) -> Result:
+  """build + benchmark: the CLI's work, importable from scripts."""
+  model, variables = build(model_config, num_classes=num_classes, resolution=resolution,
+                           dtype=dtype)
+  return benchmark(model, variables, batch=batch, resolution=resolution, train=train,
+                   repeats=repeats, num_classes=num_classes, name=name, dtype=dtype)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  flags = _FLAGS
+  if flags.config is not None:
+    model_config, name = model_config_from_experiment(flags.config)
+    resolution = flags.resolution or flags.config.get('image_size')
+    num_classes = flags.num_classes or flags.config.get('num_classes') or 1000
+  elif flags.model:
+    model_config, name = flags.model, flags.model
+    resolution, num_classes = flags.resolution, flags.num_classes or 1000
+  else:
+    raise SystemExit('Give --model=PRESET (e.g. ViT-B_16) or --config=configs/FILE.py[:arg].')
+  if not resolution:
+    raise SystemExit('Give --resolution (the config has no image_size).')
+  modes = [False, True] if flags.train else [False]
+  results = [run(model_config, name=name, batch=flags.batch, resolution=int(resolution),
+                 train=t, repeats=flags.repeats, dtype=flags.dtype, num_classes=num_classes)
+             for t in modes]
+  for r in results:
+    print(json.dumps(dataclasses.asdict(r)) if flags.json else r.summary(), flush=True)
+
+
+_FLAGS: Any = None
+
+
+def _define_flags() -> Any:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('model', None, 'Preset name from vit_jax.models.MODEL_CONFIGS.')
+  config_flags.DEFINE_config_file('config', None, 'Training config file (file.py[:arg]).',
+                                  lock_config=False)
+  flags.DEFINE_integer('resolution', None, 'Input side in pixels (default: config image_size).')
+  flags.DEFINE_integer('batch', 32, 'Batch size.')
+  flags.DEFINE_integer('repeats', 10, 'Timed calls; the median is reported.')
+  flags.DEFINE_integer('num_classes', None, 'Head size (default: config or 1000).')
+  flags.DEFINE_bool('train', False, 'Also time a training step (forward+backward+SGD).')
+  flags.DEFINE_enum('dtype', 'float32', sorted(DTYPES), 'Computation dtype of the model.')
+  flags.DEFINE_bool('json', False, 'Print one JSON object per result.')
+  return flags.FLAGS
+
+
+if __name__ == '__main__':
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _FLAGS = _define_flags()
+  app.run(main)
