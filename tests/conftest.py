@@ -1,0 +1,32 @@
+"""Shared test helpers.
+
+`../shared` (goldens and real datasets) sits beside the repository for the
+team and CI, but not in a user's clone: tests that need it skip with a reason.
+"""
+
+import os
+import pathlib
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get('VIT_JAX_SHARED', REPO.parent / 'shared'))
+
+
+def shared_dir() -> pathlib.Path:
+  """Returns ../shared, or skips the calling test when it is absent."""
+  if not SHARED.is_dir():
+    pytest.skip(f'{SHARED} not found: goldens and real data live in the team\'s '
+                '../shared directory, which is not part of a user clone.')
+  return SHARED
+
+
+def golden_dir() -> pathlib.Path:
+  return shared_dir() / 'golden'
+
+
+def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: longer tests (run with -m slow; CI runs them too)')

@@ -1,0 +1,353 @@
+"""Official `.npz` checkpoints: load, save, position-embedding resampling.
+
+The files (``gs://vit_models/imagenet21k/ViT-B_16.npz``, ``gs://vit_models/augreg/...``)
+are flat ``np.savez`` archives with '/'-joined keys. Since the model's
+parameter tree equals that tree, loading is an unflatten plus two fix-ups:
+key prefixes (``opt/target/``, ``params/``) and GroupNorm arrays stored as
+(1, 1, 1, C). ``python -m vit_jax.checkpoint PATH`` describes a file.
+
+No TensorFlow at import time: ``gs://`` paths go through ``tf.io.gfile``,
+imported only when such a path is used.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import zipfile
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import scipy.ndimage
+
+PREFIXES = ('opt/target/', 'params/')
+DOWNLOAD_HINT = (
+    'Official checkpoints live in gs://vit_models/imagenet21k/ (e.g. ViT-B_16.npz) '
+    'and gs://vit_models/augreg/. Download one with\n'
+    '  gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .\n'
+    '(or https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz) and '
+    'point pretrained_path at the local file.')
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing, unreadable or does not fit the model."""
+
+
+# ---------------------------------------------------------------------------
+# Tree helpers.
+# ---------------------------------------------------------------------------
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a': {'b': x}} -> {'a/b': x}."""
+  flat = {}
+  for k, v in tree.items():
+    key = f'{prefix}{k}'
+    if isinstance(v, Mapping):
+      flat.update(flatten(v, key + '/'))
+    else:
+      flat[key] = v
+  return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{'a/b': x} -> {'a': {'b': x}}."""
+  tree: dict[str, Any] = {}
+  for key, v in flat.items():
+    node = tree
+    *parents, leaf = key.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def _is_groupnorm(key: str) -> bool:
+  # Hybrid ResNet GroupNorms: gn_root, gn1..gn3, gn_proj (DESIGN.md §1).
+  parts = key.split('/')
+  return len(parts) >= 2 and parts[-2].startswith('gn') and parts[-1] in ('scale', 'bias')
+
+
+# ---------------------------------------------------------------------------
+# File I/O.
+# ---------------------------------------------------------------------------
+
+
+def _is_remote(path: str) -> bool:
+  return '://' in str(path)
+
+
+def _read_bytes(path: str) -> bytes:
+  path = os.fspath(path)
+  if _is_remote(path):
+    from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+    try:
+      with gfile.GFile(path, 'rb') as f:
+        return f.read()
+    except Exception as e:  # gfile raises a zoo of types; all mean "cannot read".
+      raise CheckpointError(f'Cannot read checkpoint {path}: {e}\n{DOWNLOAD_HINT}') from e
+  if not os.path.exists(path):
+    raise CheckpointError(f'Checkpoint not found: {path}\n{DOWNLOAD_HINT}')
+  with open(path, 'rb') as f:
+    return f.read()
+
+
+def load_flat(path: str) -> dict[str, np.ndarray]:
+  """Reads a `.npz` into {'a/b/c': array}, prefixes intact."""
+  data = _read_bytes(path)
+  try:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+      return {k: npz[k] for k in npz.files}
+  except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+    raise CheckpointError(
+        f'Checkpoint {path} is not a readable .npz archive (truncated or corrupt? '
+        f'{len(data)} bytes; {type(e).__name__}: {e}). Download it again.') from e
+
+
+def load_variables(path: str) -> dict[str, Any]:
+  """Loads {'params': tree[, 'batch_stats': tree]} from an `.npz`.
+
+  Accepts the official flat layout and the `opt/target/` / `params/` prefixed
+  ones; GroupNorm arrays of shape (1, 1, 1, C) become (C,).
+  """
+  flat = load_flat(path)
+  params, batch_stats = {}, {}
+  for key, value in flat.items():
+    if key.startswith('batch_stats/'):
+      batch_stats[key[len('batch_stats/'):]] = value
+      continue
+    for prefix in PREFIXES:
+      if key.startswith(prefix):
+        key = key[len(prefix):]
+        break
+    if _is_groupnorm(key) and value.ndim == 4:
+      value = value.reshape(-1)
+    params[key] = value
+  if not params:
+    raise CheckpointError(f'Checkpoint {path} holds no parameters.')
+  variables = {'params': unflatten(params)}
+  if batch_stats:
+    variables['batch_stats'] = unflatten(batch_stats)
+  return variables
+
+
+def load(path: str) -> dict[str, Any]:
+  """Loads the parameters of an official-layout `.npz` as a nested dict."""
+  return load_variables(path)['params']
+
+
+def save(params: Mapping[str, Any], path: str,
+         batch_stats: Optional[Mapping[str, Any]] = None) -> str:
+  """Writes `params` in the official layout; ``load(save(p))`` is bit-identical.
+
+  The write is atomic (temp file + rename) for local paths. BatchNorm models
+  (ResNet-56) add `batch_stats/...` keys, which `load` ignores.
+  """
+  flat = {}
+  for key, value in flatten(params).items():
+    value = np.asarray(value)
+    if _is_groupnorm(key) and value.ndim == 1:
+      value = value.reshape(1, 1, 1, -1)
+    flat[key] = value
+  if batch_stats is not None:
+    flat.update({f'batch_stats/{k}': np.asarray(v) for k, v in flatten(batch_stats).items()})
+  buf = io.BytesIO()
+  np.savez(buf, **flat)
+  path = os.fspath(path)
+  if _is_remote(path):
+    from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+    with gfile.GFile(path, 'wb') as f:
+      f.write(buf.getvalue())
+    return path
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'wb') as f:
+    f.write(buf.getvalue())
+  os.replace(tmp, path)
+  return path
+
+
+# ---------------------------------------------------------------------------
+# Position embeddings.
+# ---------------------------------------------------------------------------
+
+
+def _grid(num: int, grid: Optional[Sequence[int]], what: str) -> tuple[int, int]:
+  if grid is not None:
+    gh, gw = grid
+    if gh * gw != num:
+      raise ValueError(f'{what} grid {tuple(grid)} does not hold {num} tokens.')
+    return int(gh), int(gw)
+  g = int(round(np.sqrt(num)))
+  if g * g != num:
+    raise ValueError(f'{what} has {num} patch tokens, not a square grid: pass the grid.')
+  return g, g
+
+
+def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: bool,
+                         *, old_grid: Optional[Sequence[int]] = None,
+                         new_grid: Optional[Sequence[int]] = None) -> np.ndarray:
+  """Resizes a (1, T, D) position embedding to `num_tokens` tokens.
+
+  As in the original: keep the class-token embedding, reshape the rest to its
+  grid and resample with ``scipy.ndimage.zoom(order=1)`` (bilinear with the
+  corners aligned). Grids are square unless `old_grid` / `new_grid` say
+  otherwise (e.g. (14, 24) for 224x384 inputs), which the original cannot do.
+  """
+  posemb = np.asarray(posemb)
+  if posemb.ndim != 3 or posemb.shape[0] != 1:
+    raise ValueError(f'expected a (1, T, D) position embedding, got {posemb.shape}')
+  ntok = 1 if has_class_token else 0
+  tok, grid = posemb[:, :ntok], posemb[0, ntok:]
+  gh, gw = _grid(grid.shape[0], old_grid, 'Checkpoint position embedding')
+  nh, nw = _grid(num_tokens - ntok, new_grid, 'Model position embedding')
+  grid = grid.reshape(gh, gw, -1)
+  grid = scipy.ndimage.zoom(grid, (nh / gh, nw / gw, 1), order=1)
+  return np.concatenate([tok, grid.reshape(1, nh * nw, -1)], axis=1).astype(posemb.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning.
+# ---------------------------------------------------------------------------
+
+POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+
+
+def _shape_diff(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+  lines = []
+  missing = sorted(set(expected) - set(restored))
+  unexpected = sorted(set(restored) - set(expected))
+  mismatched = sorted(k for k in set(expected) & set(restored)
+                      if tuple(np.shape(expected[k])) != tuple(np.shape(restored[k])))
+  for title, keys in (('missing in checkpoint', missing), ('unexpected in checkpoint', unexpected)):
+    if keys:
+      lines.append(f'  {title} ({len(keys)}): ' + ', '.join(keys[:12]) +
+                   (' ...' if len(keys) > 12 else ''))
+  if mismatched:
+    lines.append(f'  shape mismatch ({len(mismatched)}):')
+    lines += [f'    {k}: checkpoint {tuple(np.shape(restored[k]))} vs model '
+              f'{tuple(np.shape(expected[k]))}' for k in mismatched[:12]]
+    if len(mismatched) > 12:
+      lines.append(f'    ... and {len(mismatched) - 12} more')
+  return lines
+
+
+def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_config: Any,
+                    *, grid: Optional[Sequence[int]] = None) -> dict[str, Any]:
+  """Loads a pre-trained checkpoint into the shape of `init_params`.
+
+  Checks every key and shape against the freshly initialised model and raises
+  `CheckpointError` with a readable diff, except for what fine-tuning expects:
+  the head is replaced by `init_params`' (zero-initialised) head, `pre_logits` is dropped when `representation_size` is None,
+  and the position embedding is resampled to the new grid (pass `grid` for
+  non-square grids).
+  """
+  restored = flatten(load(pretrained_path))
+  expected = flatten(init_params)
+  representation_size = _getattr(model_config, 'representation_size')
+  classifier = _getattr(model_config, 'classifier', 'token') or 'token'
+
+  if representation_size is None:
+    restored = {k: v for k, v in restored.items() if not k.startswith('pre_logits/')}
+  # A fine-tune always starts from the model's own (zero-initialised) head.
+  restored = {k: v for k, v in restored.items() if not k.startswith('head/')}
+  restored.update({k: v for k, v in expected.items() if k.startswith('head/')})
+
+  if POSEMB_KEY in restored and POSEMB_KEY in expected:
+    old, new = restored[POSEMB_KEY], expected[POSEMB_KEY]
+    if old.shape != tuple(np.shape(new)) and old.shape[2:] == tuple(np.shape(new))[2:]:
+      has_class_token = classifier in ('token', 'token_unpooled')
+      restored[POSEMB_KEY] = interpolate_posembed(
+          old, np.shape(new)[1], has_class_token, new_grid=grid)
+
+  diff = _shape_diff(restored, expected)
+  if diff:
+    raise CheckpointError(
+        f'Checkpoint {pretrained_path} does not fit the model '
+        f'({_getattr(model_config, "model_name") or "model"}); is it another architecture?\n'
+        + '\n'.join(diff))
+  out = {k: np.asarray(v, dtype=np.asarray(expected[k]).dtype) for k, v in restored.items()}
+  return unflatten(out)
+
+
+def _getattr(cfg: Any, key: str, default: Any = None) -> Any:
+  if cfg is None:
+    return default
+  if isinstance(cfg, Mapping):
+    return cfg.get(key, default)
+  return getattr(cfg, key, default)
+
+
+# ---------------------------------------------------------------------------
+# Inspection: `python -m vit_jax.checkpoint PATH`.
+# ---------------------------------------------------------------------------
+
+
+def describe(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Architecture facts readable off a parameter tree."""
+  flat = flatten(params)
+  t = params.get('Transformer', {})
+  blocks = sorted(k for k in t if k.startswith('encoderblock_'))
+  info: dict[str, Any] = {'num_params': int(sum(np.size(v) for v in flat.values()))}
+  if 'embedding' in params and 'kernel' in params['embedding']:
+    kh, kw, _, d = np.shape(params['embedding']['kernel'])
+    info.update(patch_size=(kh, kw), hidden_size=d)
+  if blocks:
+    b0 = t[blocks[0]]
+    info.update(num_layers=len(blocks),
+                num_heads=np.shape(b0['MultiHeadDotProductAttention_1']['query']['kernel'])[1],
+                mlp_dim=np.shape(b0['MlpBlock_3']['Dense_0']['kernel'])[1])
+  stages = sorted((k for k in params if k.startswith('block') and k[5:].isdigit()),
+                  key=lambda k: int(k[5:]))
+  info['resnet_layers'] = tuple(len(params[s]) for s in stages) if stages else None
+  info['representation_size'] = (np.shape(params['pre_logits']['kernel'])[-1]
+                                 if 'pre_logits' in params else None)
+  info['num_classes'] = np.shape(params['head']['kernel'])[-1] if 'head' in params else None
+  return info
+
+
+def match_preset(params: Mapping[str, Any]) -> list[str]:
+  """Names of the presets whose architecture the parameters fit."""
+  from vit_jax.models import presets  # pylint: disable=g-import-not-at-top
+  info = describe(params)
+  names = []
+  for name, cfg in presets.MODEL_CONFIGS.items():
+    if cfg.get('model_type', 'vit') != 'vit' or info.get('num_layers') is None:
+      continue
+    resnet = cfg.get('resnet')
+    if (tuple(cfg.patches.size) == tuple(info.get('patch_size', ())) and
+        cfg.hidden_size == info.get('hidden_size') and
+        cfg.transformer.num_layers == info['num_layers'] and
+        cfg.transformer.num_heads == info['num_heads'] and
+        cfg.transformer.mlp_dim == info['mlp_dim'] and
+        (tuple(resnet.num_layers) if resnet else None) == info['resnet_layers']):
+      names.append(name)
+  return names
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) != 1:
+    print('usage: python -m vit_jax.checkpoint PATH.npz', file=sys.stderr)
+    return 2
+  try:
+    variables = load_variables(argv[0])
+  except CheckpointError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  params = variables['params']
+  for key, value in sorted(flatten(params).items()):
+    print(f'{key:80s} {str(tuple(np.shape(value))):>20s} {np.asarray(value).dtype}')
+  info = describe(params)
+  print()
+  for k, v in info.items():
+    print(f'{k}: {v:,}' if k == 'num_params' else f'{k}: {v}')
+  if 'batch_stats' in variables:
+    print('batch_stats: yes')
+  matches = match_preset(params)
+  print('preset:', ', '.join(matches) if matches else 'none of the presets (custom architecture)')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

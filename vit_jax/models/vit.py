@@ -1,0 +1,353 @@
+"""Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16 Words").
+
+Pure-functional Flax linen modules whose parameter tree *is* the official
+checkpoint tree (``gs://vit_models/imagenet21k/*.npz``): the submodule names
+below (``embedding``, ``cls``, ``Transformer/posembed_input``,
+``encoderblock_i/{LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2,
+MlpBlock_3}``, ``encoder_norm``, ``pre_logits``, ``head``) are the keys of those
+files, so loading and saving is flatten/unflatten.
+
+Intermediates come out through ``self.sow('intermediates', ...)``; they cost
+nothing unless ``apply(..., mutable=['intermediates'])`` asks for them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Dtype = Any
+
+CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled', 'distill')
+POSEMBS = ('learn', 'sincos2d', 'none')
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+  """Reads `key` from a dict, ConfigDict or None (the original passes both)."""
+  if cfg is None:
+    return default
+  try:
+    return cfg[key]
+  except (KeyError, TypeError, AttributeError):
+    return getattr(cfg, key, default)
+
+
+def sincos2d(h: int, w: int, dim: int, temperature: float = 10_000.) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding, shape (h*w, dim) (paper App. D.4)."""
+  if dim % 4:
+    raise ValueError(f'sincos2d needs a width divisible by 4, got {dim}.')
+  y, x = np.mgrid[:h, :w]
+  omega = 1. / temperature**(np.arange(dim // 4) / (dim // 4 - 1 or 1))
+  y = y.reshape(-1)[:, None] * omega[None]
+  x = x.reshape(-1)[:, None] * omega[None]
+  return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], 1).astype(np.float32)
+
+
+class IdentityLayer(nn.Module):
+  """Named identity, so that `pre_logits` is sow-able even without a Dense."""
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return x
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds a learned position embedding `pos_embedding` of shape (1, T, D)."""
+  posemb_init: Callable = nn.initializers.normal(stddev=0.02)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if (self.has_variable('params', 'pos_embedding') and
+        self.get_variable('params', 'pos_embedding').shape[1:] != x.shape[1:]):
+      pe = self.get_variable('params', 'pos_embedding')
+      raise ValueError(
+          f'Position embedding has {pe.shape[1]} tokens but the input gives '
+          f'{x.shape[1]}. Fine-tuning at a new resolution? Resize the '
+          'embedding with vit_jax.checkpoint.interpolate_posembed (done by '
+          'checkpoint.load_pretrained).')
+    pe = self.param('pos_embedding', self.posemb_init, (1,) + x.shape[1:])
+    return x + pe.astype(x.dtype)
+
+
+class _Weights(nn.Module):
+  """Declares a `kernel` and `bias` pair without applying them.
+
+  Lets the attention fuse q/k/v into one matmul while the parameter tree keeps
+  the checkpoint's separate `query`, `key`, `value` entries.
+  """
+  kernel_shape: Sequence[int]
+  bias_shape: Sequence[int]
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self) -> tuple[Array, Array]:
+    return (self.param('kernel', self.kernel_init, tuple(self.kernel_shape)),
+            self.param('bias', nn.initializers.zeros, tuple(self.bias_shape)))
+
+
+def _qkv_init(key, shape, dtype=jnp.float32):
+  # Flax DenseGeneral's xavier init over (in, heads*head_dim), as in the original.
+  d, h, hd = shape
+  return nn.initializers.xavier_uniform()(key, (d, h * hd), dtype).reshape(shape)
+
+
+def _out_init(key, shape, dtype=jnp.float32):
+  h, hd, d = shape
+  return nn.initializers.xavier_uniform()(key, (h * hd, d), dtype).reshape(shape)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Multi-head self-attention, parameter-compatible with the original.
+
+  q/k/v kernels are (D, heads, head_dim), `out` is (heads, head_dim, D). q is
+  scaled by 1/sqrt(head_dim). `locality=True` is the Locality Self-Attention of
+  SL-ViT (Lee et al. 2021): a learnable temperature (init sqrt(head_dim)) and
+  the diagonal (each token's attention to itself) masked out.
+  """
+  num_heads: int
+  dropout_rate: float = 0.
+  locality: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    d = x.shape[-1]
+    if d % self.num_heads:
+      raise ValueError(f'width {d} is not divisible by num_heads={self.num_heads}')
+    hd = d // self.num_heads
+    shapes = dict(kernel_shape=(d, self.num_heads, hd), bias_shape=(self.num_heads, hd),
+                  kernel_init=_qkv_init)
+    q_w, q_b = _Weights(**shapes, name='query')()
+    k_w, k_b = _Weights(**shapes, name='key')()
+    v_w, v_b = _Weights(**shapes, name='value')()
+    o_w, o_b = _Weights((self.num_heads, hd, d), (d,), _out_init, name='out')()
+
+    # One fused matmul for q, k and v.
+    w = jnp.stack([q_w, k_w, v_w], axis=1).astype(self.dtype)    # (D, 3, H, hd)
+    b = jnp.stack([q_b, k_b, v_b], axis=0).astype(self.dtype)    # (3, H, hd)
+    qkv = jnp.einsum('btd,dkhe->kbthe', x.astype(self.dtype), w) + b[:, None, None]
+    q, k, v = qkv[0], qkv[1], qkv[2]
+
+    if self.locality:
+      temperature = self.param('temperature', nn.initializers.constant(np.sqrt(hd)), ())
+      logits = jnp.einsum('bqhe,bkhe->bhqk', q, k) / temperature.astype(self.dtype)
+      eye = jnp.eye(x.shape[1], dtype=bool)
+      logits = jnp.where(eye, jnp.finfo(logits.dtype).min, logits)
+    else:
+      logits = jnp.einsum('bqhe,bkhe->bhqk', q / np.sqrt(hd).astype(self.dtype), k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    self.sow('intermediates', 'attention_weights', weights)
+    if not deterministic and self.dropout_rate > 0:
+      weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+    out = jnp.einsum('bhqk,bkhe->bqhe', weights, v)
+    return jnp.einsum('bqhe,hed->bqd', out, o_w.astype(self.dtype)) + o_b.astype(self.dtype)
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU (tanh approximation, as the original) -> Dense."""
+  mlp_dim: int
+  dropout_rate: float = 0.
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    dense = lambda n, name: nn.Dense(  # noqa: E731
+        n, dtype=self.dtype, name=name, kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6))
+    y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dense(x.shape[-1], 'Dense_1')(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  locality_attention: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
+    y = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
+        locality=self.locality_attention, dtype=self.dtype,
+        name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic)
+    x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_2')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name='MlpBlock_3')(
+        y, deterministic=deterministic)
+    return x + y
+
+
+class Encoder(nn.Module):
+  """Position embedding + `num_layers` blocks + final `encoder_norm`."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.1
+  attention_dropout_rate: float = 0.1
+  locality_attention: bool = False
+  posemb: str = 'learn'
+  grid: tuple[int, int] = (0, 0)
+  num_prefix_tokens: int = 0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    if self.posemb == 'learn':
+      x = AddPositionEmbs(name='posembed_input')(x)
+    elif self.posemb == 'sincos2d':
+      pe = sincos2d(*self.grid, x.shape[-1])
+      pe = np.concatenate([np.zeros((self.num_prefix_tokens, x.shape[-1]), np.float32), pe])
+      x = x + jnp.asarray(pe, x.dtype)[None]
+    elif self.posemb != 'none':
+      raise ValueError(f'posemb must be one of {POSEMBS}, got {self.posemb!r}')
+    self.sow('intermediates', 'encoder_input', x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    for i in range(self.num_layers):
+      x = Encoder1DBlock(
+          mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+          attention_dropout_rate=self.attention_dropout_rate,
+          locality_attention=self.locality_attention, dtype=self.dtype,
+          name=f'encoderblock_{i}')(x, deterministic=not train)
+      self.sow('intermediates', 'block_outputs', x)
+    return nn.LayerNorm(epsilon=1e-6, name='encoder_norm')(x.astype(jnp.float32))
+
+
+class VisionTransformer(nn.Module):
+  """ViT with the original's constructor (``VisionTransformer(**config)``).
+
+  Attributes:
+    num_classes: size of the zero-initialised `head`; None for a feature
+      extractor (returns the pre-logits).
+    patches: {'size': (ph, pw)}.
+    transformer: {'mlp_dim', 'num_heads', 'num_layers', 'dropout_rate',
+      'attention_dropout_rate'} and optionally 'locality_attention' (SL-ViT).
+    hidden_size: token width D.
+    resnet: None, or {'num_layers': (...), 'width_factor': w} for the hybrid.
+    representation_size: width of the `pre_logits` Dense + tanh, or None.
+    classifier: 'token' (class token), 'gap' (mean of tokens, no class
+      token; paper App. D.3), 'unpooled' / 'token_unpooled' (per-token
+      outputs), 'distill' (DeiT: class + distillation tokens).
+    posemb: 'learn' (default), 'sincos2d' (fixed) or 'none' (paper App. D.4).
+    tokenizer: None (patch conv) or a dict {'type': 'spt' | 'rpt', ...}.
+    dtype: computation dtype (params stay float32).
+  """
+  num_classes: Optional[int]
+  patches: Any
+  transformer: Any
+  hidden_size: int
+  resnet: Optional[Any] = None
+  representation_size: Optional[int] = None
+  classifier: str = 'token'
+  head_bias_init: float = 0.
+  model_name: Optional[str] = None
+  posemb: str = 'learn'
+  tokenizer: Optional[Any] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Array, *, train: bool = False) -> Array:
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f'classifier must be one of {CLASSIFIERS}, got {self.classifier!r}')
+    if inputs.ndim != 4:
+      raise ValueError(f'expected NHWC images, got shape {inputs.shape}')
+    x = inputs
+
+    if self.resnet is not None:
+      from vit_jax.models import resnet  # pylint: disable=g-import-not-at-top
+      x = resnet.backbone(x, num_layers=tuple(_get(self.resnet, 'num_layers')),
+                          width_factor=_get(self.resnet, 'width_factor', 1))
+      self.sow('intermediates', 'backbone_features', x)
+
+    ph, pw = tuple(_get(self.patches, 'size'))
+    if self.tokenizer is None:
+      x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID',
+                  dtype=self.dtype, name='embedding')(x)
+    else:
+      from vit_jax.models import embeddings  # pylint: disable=g-import-not-at-top
+      x = embeddings.tokenize(x, self.tokenizer, patch_size=(ph, pw),
+                              hidden_size=self.hidden_size, train=train, dtype=self.dtype)
+    n, h, w, c = x.shape
+    x = x.reshape(n, h * w, c)
+    self.sow('intermediates', 'patch_tokens', x)
+
+    num_prefix = {'token': 1, 'token_unpooled': 1, 'distill': 2}.get(self.classifier, 0)
+    if num_prefix:
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, c))
+      prefix = [cls]
+      if self.classifier == 'distill':
+        prefix.append(self.param('dist', nn.initializers.zeros, (1, 1, c)))
+      prefix = jnp.concatenate(prefix, axis=1).astype(x.dtype)
+      x = jnp.concatenate([jnp.tile(prefix, [n, 1, 1]), x], axis=1)
+
+    t = self.transformer
+    x = Encoder(
+        num_layers=_get(t, 'num_layers'), mlp_dim=_get(t, 'mlp_dim'),
+        num_heads=_get(t, 'num_heads'), dropout_rate=_get(t, 'dropout_rate', 0.),
+        attention_dropout_rate=_get(t, 'attention_dropout_rate', 0.),
+        locality_attention=bool(_get(t, 'locality_attention', False)),
+        posemb=self.posemb, grid=(h, w), num_prefix_tokens=num_prefix, dtype=self.dtype,
+        name='Transformer')(x, train=train)
+    self.sow('intermediates', 'encoder_out', x)
+
+    if self.classifier in ('token', 'distill'):
+      x = x[:, :num_prefix]                         # (B, 1 or 2, D)
+    elif self.classifier == 'gap':
+      x = jnp.mean(x, axis=1, keepdims=True)
+    # 'unpooled' / 'token_unpooled': keep every token.
+
+    if self.representation_size is not None:
+      x = nn.tanh(nn.Dense(self.representation_size, name='pre_logits')(x))
+    else:
+      x = IdentityLayer(name='pre_logits')(x)
+    pooled = self.classifier in ('token', 'gap', 'distill')
+    self.sow('intermediates', 'representation', x[:, 0] if pooled else x)  # = pre_logits
+
+    if not self.num_classes:
+      return x[:, 0] if pooled else x
+    head = nn.Dense(self.num_classes, name='head', kernel_init=nn.initializers.zeros,
+                    bias_init=nn.initializers.constant(self.head_bias_init))
+    if self.classifier == 'distill':
+      # DeiT: `head` on the class token, `head_dist` on the distillation token.
+      logits = jnp.stack([head(x[:, 0]), nn.Dense(
+          self.num_classes, name='head_dist', kernel_init=nn.initializers.zeros)(x[:, 1])], 1)
+      return logits if train else logits.mean(axis=1)
+    x = head(x)
+    return x[:, 0] if pooled else x
+
+
+def get_intermediates(model: nn.Module, params: Any, images: Array,
+                      **kwargs: Any) -> tuple[Array, dict[str, Any]]:
+  """Runs the model and returns (output, {'path/name': value}).
+
+  Sown values come back as tuples; single sows are unwrapped, repeated sows
+  (e.g. `Transformer/block_outputs`) stay a tuple in call order.
+  """
+  out, state = model.apply({'params': params}, images, mutable=['intermediates'], **kwargs)
+  flat = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(
+      state['intermediates'], is_leaf=lambda v: isinstance(v, tuple))[0]:
+    key = '/'.join(str(getattr(p, 'key', p)) for p in path)
+    flat[key] = value[0] if len(value) == 1 else value
+  return out, flat
+
+
+def attention_weights(intermediates: dict[str, Any]) -> list[Array]:
+  """Per-layer attention weights (B, heads, T, T), ordered by layer."""
+  found = {}
+  for key, value in intermediates.items():
+    parts = key.split('/')
+    if parts[-1] == 'attention_weights':
+      layer = next(p for p in parts if p.startswith('encoderblock_'))
+      found[int(layer.split('_')[1])] = value
+  return [found[i] for i in sorted(found)]
