@@ -80,7 +80,7 @@ def rotate(x: jax.Array, angle: jax.Array | float) -> jax.Array:
     x: (B, H, W, C) images.
     angle: a scalar, or one angle per example, shape (B,).
   """
-  b, h, w, c = x.shape
+  b, h, w, _ = x.shape
   angle = jnp.broadcast_to(jnp.asarray(angle, jnp.float32), (b,))
   cos, sin = jnp.cos(angle)[:, None, None], jnp.sin(angle)[:, None, None]
   cy, cx = (h - 1) / 2, (w - 1) / 2
@@ -174,6 +174,7 @@ class PatchTokenizer(nn.Module):
       rng = self.make_rng('rpt' if self.has_rng('rpt') else 'dropout')
       low, high = self.angle_range
       angles = jax.random.uniform(rng, (2, x.shape[0]), minval=low, maxval=high)
+      self.sow('intermediates', 'rpt_angles', angles)  # (clockwise, anticlockwise) x B
       return rpt_copies(x, angles[0], angles[1], amount)
     return rpt_copies(x, self.eval_angle, self.eval_angle, amount)
 

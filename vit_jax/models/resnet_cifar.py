@@ -38,12 +38,15 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    conv = lambda s, name: nn.Conv(  # noqa: E731
-        self.features, (3, 3), (s, s), padding=((1, 1), (1, 1)), use_bias=False,
-        kernel_init=nn.initializers.he_normal(), dtype=self.dtype, name=name)
-    norm = lambda name, **kw: nn.BatchNorm(  # noqa: E731
-        use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
-        dtype=self.dtype, name=name, **kw)
+    def conv(s: int, name: str) -> nn.Conv:
+      return nn.Conv(self.features, (3, 3), (s, s), padding=((1, 1), (1, 1)),
+                     use_bias=False, kernel_init=nn.initializers.he_normal(),
+                     dtype=self.dtype, name=name)
+
+    def norm(name: str) -> nn.BatchNorm:
+      return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                          epsilon=1e-5, dtype=self.dtype, name=name)
+
     y = nn.relu(norm('bn1')(conv(self.strides, 'conv1')(x)))
     y = norm('bn2')(conv(1, 'conv2')(y))
     residual = x
