@@ -23,8 +23,8 @@ positions [k*B, (k+1)*B); process p takes [k*B + p*b, k*B + (p+1)*b). The
 augmentation seed of an example is derived from (config.seed, P). Hence batch k
 is the same whether training started at 0 or resumed at k, and resuming only
 computes integer positions before the first decode (cheap). Large TFDS splits
-that do not fit in memory (more than `config.tfds_in_memory_max` examples) are
-streamed instead: shuffled with a seeded buffer of `config.shuffle_buffer`
+that do not fit in memory (more than `config.tfds_in_memory_max` examples; 0
+forces streaming) are streamed instead: shuffled with a seeded buffer of `config.shuffle_buffer`
 after `repeat()`, and resumed by skipping raw, undecoded records.
 
 Evaluation scores every example: the last batch is padded and `mask` marks real
@@ -46,21 +46,24 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
-from vit_jax import preprocess  # noqa: E402
+from vit_jax import preprocess
 
 # Keep TensorFlow off any accelerator: JAX owns them.
 try:
   tf.config.set_visible_devices([], 'GPU')
 except (RuntimeError, ValueError):  # already initialised / no GPU support
   pass
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
 ACCEPTED_DATASETS = "a TFDS name (e.g. 'cifar10'), 'folder:<root>' or 'digits'"
@@ -284,13 +287,13 @@ def _tfds_source(name: str, split: str, data_dir: str | None, download: bool, in
           f'`tfds build {name} --data_dir=<dir>` on a machine with network access, or set '
           "config.tfds_download=True, or use 'folder:<root>' for local images."
       ) from e
-    logging.info('Downloading and preparing TFDS %s into %s (config.tfds_download=True).', name, data_dir)
+    logger.info('Downloading and preparing TFDS %s into %s (config.tfds_download=True).', name, data_dir)
     builder.download_and_prepare()
   try:
     num = builder.info.splits[split].num_examples
   except (KeyError, ValueError):
     num = None  # e.g. under tfds.testing.mock_data, whose info.splits is empty
-  if num is not None and num > in_memory_max:
+  if in_memory_max <= 0 or (num is not None and num > in_memory_max):
     return Source(f'tfds:{name}/{split}', 'stream', raw, None, num, class_names)
   images, labels = [], []
   for image, label in raw().as_numpy_iterator():
@@ -468,7 +471,7 @@ class BatchIterator:
     self._diagnose = diagnose
     self.batches_read = 0
 
-  def __iter__(self) -> 'BatchIterator':
+  def __iter__(self) -> BatchIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -531,7 +534,7 @@ def make_train_iter(
   if source.kind == 'stream':
     buffer = int(config.get('shuffle_buffer', 50_000))
     if start_position:
-      logging.info('Resuming the streamed dataset: skipping %d raw records.', start_position)
+      logger.info('Resuming the streamed dataset: skipping %d raw records.', start_position)
     ds = source.data().repeat().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.enumerate().skip(start_position)
     ds = _shard_chunks(ds, b, pc, pi)
