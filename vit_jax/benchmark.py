@@ -188,20 +188,26 @@ def make_train_step(model: Any, tx: optax.GradientTransformation) -> Callable:
 _RNG_NAMES = ('dropout', 'rpt', 'augment')
 
 
-def benchmark(model: Any, variables: dict[str, Any], *, batch: int, resolution: int,
-              train: bool = False, repeats: int = 10, warmup: int = 1,
-              num_classes: int = 1000, name: str = 'model', dtype: str = 'float32',
-              timer: Callable[[], float] = time.perf_counter) -> Result:
-  """Measures `model`'s inference (or training) images/sec on one device.
+@dataclasses.dataclass
+class CompiledStep:
+  """A ready-to-time step: `call()` runs one batch and returns arrays to wait on."""
+  call: Callable[[], Any]
+  compile_s: float
+  flops: float | None
 
-  `variables` is {'params': ..., ['batch_stats': ...]} as returned by init.
+
+def compile_step(model: Any, variables: dict[str, Any], *, batch: int, resolution: int,
+                 train: bool = False, num_classes: int = 1000) -> CompiledStep:
+  """Compiles (ahead of time, timed) one inference or SGD training step on device 0.
+
+  Inputs are fixed random images in [-1, 1] (and random labels): throughput
+  does not depend on pixel values. `variables` = {'params', ['batch_stats']}.
   """
   if batch < 1 or resolution < 1:
     raise ValueError(f'batch and resolution must be positive, got {batch}, {resolution}')
-  device = jax.devices()[0]
   key = jax.random.key(0)
   images = jax.random.uniform(key, (batch, resolution, resolution, 3), jnp.float32, -1., 1.)
-  variables = jax.device_put(variables, device)
+  variables = jax.device_put(variables, jax.devices()[0])
 
   if train:
     labels = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, num_classes)
@@ -227,13 +233,26 @@ def benchmark(model: Any, variables: dict[str, Any], *, batch: int, resolution: 
     def call():
       return compiled(variables, images)
 
-  times = time_calls(call, repeats, warmup, timer)
-  flops = _flops(compiled)
+  return CompiledStep(call=call, compile_s=compile_s, flops=_flops(compiled))
+
+
+def benchmark(model: Any, variables: dict[str, Any], *, batch: int, resolution: int,
+              train: bool = False, repeats: int = 10, warmup: int = 1,
+              num_classes: int = 1000, name: str = 'model', dtype: str = 'float32',
+              timer: Callable[[], float] = time.perf_counter) -> Result:
+  """Measures `model`'s inference (or training) images/sec on one device.
+
+  `variables` is {'params': ..., ['batch_stats': ...]} as returned by init.
+  """
+  step = compile_step(model, variables, batch=batch, resolution=resolution, train=train,
+                      num_classes=num_classes)
+  times = time_calls(step.call, repeats, warmup, timer)
+  device = jax.devices()[0]
   return Result(
       name=name, mode='train' if train else 'inference', batch=batch, resolution=resolution,
-      dtype=dtype, num_params=_num_params(variables['params']), compile_s=compile_s,
+      dtype=dtype, num_params=_num_params(variables['params']), compile_s=step.compile_s,
       step_times=times, images_per_sec=batch / statistics.median(times),
-      gflops_per_image=flops / batch / 1e9 if flops else None,
+      gflops_per_image=step.flops / batch / 1e9 if step.flops else None,
       device=f'{device.platform}:{device.device_kind}')
 
 
@@ -288,6 +307,8 @@ def run(model_config: Any, *, name: str, batch: int, resolution: int, train: boo
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.WARNING)  # hide jax's "no TPU" backend probing
   flags = _FLAGS
   if flags.config is not None:
     model_config, name = model_config_from_experiment(flags.config)
