@@ -49,6 +49,53 @@ for _size, _patches in [('Ti', (16,)), ('S', (8, 16, 32)), ('B', (8, 16, 32)),
 MODEL_CONFIGS['testing'] = _vit('testing', 4, 64, 128, 2, 2)
 
 
+# --- Hybrids (ViT paper §3.1): a BiT ResNet (vit_jax/models/resnet.py) feeds the
+# ViT; "patches" of 1x1 over its stride-16/32 feature map. R+Ti_16 has only the
+# root (conv + max-pool, stride 4) and 8x8 patches, so its grid is /32.
+def _hybrid(name: str, base: str, num_layers: tuple[int, ...],
+            patch: int = 1) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(MODEL_CONFIGS[base].to_dict())
+  cfg.model_name = name
+  cfg.patches.size = (patch, patch)
+  cfg.resnet = ml_collections.ConfigDict(dict(num_layers=num_layers, width_factor=1))
+  return cfg
+
+
+for _name, _base, _layers, _p in [
+    ('R50+ViT-B_16', 'ViT-B_16', (3, 4, 9), 1),
+    ('R50+ViT-L_32', 'ViT-L_32', (3, 4, 6, 3), 1),
+    ('R26+ViT-S_32', 'ViT-S_32', (2, 2, 2, 2), 1),
+    ('R26+ViT-B_32', 'ViT-B_32', (2, 2, 2, 2), 1),
+    ('R+Ti_16', 'ViT-Ti_16', (), 8)]:
+  MODEL_CONFIGS[_name] = _hybrid(_name, _base, _layers, _p)
+
+
+# --- The RPT report's Table 1 (training from scratch; configs/scratch.py).
+# Its "ViT-Ti" (2.58M) is the small-dataset ViT of Lee et al. 2021: depth 9,
+# width 192, 12 heads of 16, MLP 384. One preset per patch size: 4 for 32px
+# (CIFAR), 8 for 64px (Tiny-ImageNet), 16 for 224px (tf_flowers).
+for _p in (4, 8, 16):
+  MODEL_CONFIGS[f'SmallViT_{_p}'] = _vit(f'SmallViT_{_p}', _p, 192, 384, 12, 9)
+  # SL-ViT (Lee et al.): Shifted Patch Tokenization + Locality Self-Attention.
+  _cfg = _vit(f'SL-ViT_{_p}', _p, 192, 384, 12, 9)
+  _cfg.tokenizer = ml_collections.ConfigDict(dict(type='spt'))
+  _cfg.transformer.locality_attention = True
+  MODEL_CONFIGS[f'SL-ViT_{_p}'] = _cfg
+  # Rot-ViT (RPT report §3.2): Rotated Patch Tokenization, standard attention.
+  _cfg = _vit(f'Rot-ViT_{_p}', _p, 192, 384, 12, 9)
+  _cfg.tokenizer = ml_collections.ConfigDict(dict(type='rpt'))
+  MODEL_CONFIGS[f'Rot-ViT_{_p}'] = _cfg
+  # DeiT-Ti (Touvron et al. 2021): ViT-Ti with a distillation token and head.
+  _cfg = _vit(f'DeiT-Ti_{_p}', _p, *_VIT['Ti'])
+  _cfg.classifier = 'distill'
+  MODEL_CONFIGS[f'DeiT-Ti_{_p}'] = _cfg
+
+# ResNet-56 (He et al. 2016, CIFAR variant; vit_jax/models/resnet_cifar.py).
+MODEL_CONFIGS['ResNet-56'] = ml_collections.ConfigDict(dict(
+    model_type='resnet_cifar', model_name='ResNet-56', blocks_per_stage=9,
+    widths=(16, 32, 64)))
+
+
 def get_config(name: str) -> ml_collections.ConfigDict:
   """Returns a copy of preset `name`, with a helpful error for unknown names."""
   if name not in MODEL_CONFIGS:
