@@ -122,3 +122,67 @@ def test_clear_errors():
     fewshot.ridge_precompute(np.full((3, 4), np.nan), labels, 2)
   with pytest.raises(fewshot.FewShotError, match='must be > 0'):
     fewshot.ridge_weights(fewshot.ridge_precompute(np.eye(3), labels, 2), 0.0)
+
+
+def test_evaluator_matches_direct_solution_on_digits():
+  """FewShotEvaluator end to end (data, sown layer, probe) vs a direct path."""
+  import jax
+  import ml_collections
+
+  from vit_jax import input_pipeline
+  from vit_jax.models import vit
+
+  model = vit.VisionTransformer(
+      num_classes=10, patches={'size': (4, 4)}, hidden_size=32, classifier='token',
+      transformer={'mlp_dim': 64, 'num_heads': 2, 'num_layers': 1})
+  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
+  cfg = dict(dataset='digits', image_size=16, shots=(1, 5), seeds=(0, 1), l2_regs=(1.0, 64.0),
+             batch_size=128, per_l2=True)
+  ev = fewshot.FewShotEvaluator(cfg, model)
+  metrics = ev.run(params)
+  assert set(metrics) == {'fewshot/digits_1shot', 'fewshot/digits_5shot',
+                          'fewshot/digits_1shot_l2=1', 'fewshot/digits_1shot_l2=64',
+                          'fewshot/digits_5shot_l2=1', 'fewshot/digits_5shot_l2=64'}
+
+  # Direct path: every image through the training eval pipeline and vit's own
+  # intermediates helper, then numpy.linalg.solve of the ridge problem.
+  def embed(split):
+    c = ml_collections.ConfigDict(dict(dataset='digits', image_size=16, batch_size=128,
+                                       train_split='train', test_split='test'))
+    xs, ys = [], []
+    for b in input_pipeline.make_eval_iter(c, split, process_index=0, process_count=1):
+      _, inter = vit.get_intermediates(model, params, b['image'])
+      keep = b['mask'] > 0
+      xs.append(np.asarray(inter['representation'])[keep])
+      ys.append(b['label'][keep])
+    return np.concatenate(xs), np.concatenate(ys)
+
+  x_train, y_train = embed('train')
+  x_test, y_test = embed('test')
+  x_pool, rows, labels_all, x_test_ev, y_test_ev, _ = ev.representations(params)
+  np.testing.assert_array_equal(labels_all, y_train)
+  np.testing.assert_allclose(x_pool, x_train[rows], atol=1e-5)
+  np.testing.assert_allclose(x_test_ev, x_test, atol=1e-5)
+  np.testing.assert_array_equal(y_test_ev, y_test)
+  for k in (1, 5):
+    for l2 in (1.0, 64.0):
+      accs = []
+      for seed in (0, 1):
+        idx = fewshot.sample_shots(y_train, 10, k, seed)
+        w, _, _, mean, std = _direct_ridge(x_train[idx].astype(np.float64), y_train[idx], 10, l2)
+        cache = fewshot.ridge_precompute(x_pool[np.searchsorted(rows, idx)], y_train[idx], 10)
+        np.testing.assert_allclose(fewshot.ridge_weights(cache, l2), w, atol=1e-5, rtol=1e-5)
+        xd = np.concatenate([(x_test - mean) / std, np.full((len(x_test), 1), fewshot.BIAS_VALUE)], 1)
+        accs.append(np.mean((xd @ w).argmax(1) == y_test))
+      assert metrics[f'fewshot/digits_{k}shot_l2={l2:g}'] == pytest.approx(np.mean(accs), abs=1e-9)
+  assert metrics['fewshot/digits_5shot'] > 0.3  # random features still beat chance (0.1)
+
+
+def test_evaluator_errors():
+  with pytest.raises(fewshot.FewShotError, match='evals.fewshot.image_size is required'):
+    fewshot.FewShotEvaluator({'dataset': 'digits'}, model=None)
+  flat = {'encoder_out': 1, 'Transformer/block_outputs/0': 2, 'representation': 3}
+  assert fewshot.select_representation(flat, 'pre_logits') == 3
+  assert fewshot.select_representation(flat, 'block_outputs/0') == 2
+  with pytest.raises(fewshot.FewShotError, match="'head' was not sown by the model. Sown layers"):
+    fewshot.select_representation(flat, 'head')

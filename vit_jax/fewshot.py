@@ -239,17 +239,25 @@ def fewshot_accuracies(x_train: np.ndarray, labels_train: np.ndarray,
                        seeds: Sequence[int] = (0, 1, 2),
                        l2_regs: Sequence[float] = DEFAULT_L2_REGS,
                        bias_value: float = BIAS_VALUE,
-                       standardize: str = 'feature') -> dict[int, ShotResult]:
+                       standardize: str = 'feature',
+                       train_rows: np.ndarray | None = None) -> dict[int, ShotResult]:
   """The paper's few-shot linear evaluation on precomputed representations.
 
-  ``x_train`` is the pool the k-shot sets are drawn from (labels must cover
-  every class with at least max(shots) examples); ``x_test`` is scored in full.
+  The k-shot sets are drawn from ``labels_train`` (every class needs at least
+  max(shots) examples); ``x_test`` is scored in full. By default row i of
+  ``x_train`` is example i. When only the drawn examples were embedded, pass
+  their (sorted) example indices as ``train_rows``: row i of ``x_train`` is
+  then example ``train_rows[i]``, and the draws are the same as with all rows.
   """
   x_train = np.asarray(x_train, np.float64)
   x_test = np.asarray(x_test, np.float64)
   labels_train = np.asarray(labels_train).astype(np.int64)
   labels_test = np.asarray(labels_test).astype(np.int64)
-  _check_xy(x_train, labels_train, num_classes)
+  if train_rows is None:
+    _check_xy(x_train, labels_train, num_classes)
+  else:
+    train_rows = np.asarray(train_rows)
+    _check_xy(x_train, labels_train[train_rows], num_classes)
   _check_xy(x_test, labels_test, num_classes)
   if x_train.shape[1] != x_test.shape[1]:
     raise FewShotError(f'Train features have {x_train.shape[1]} dims, test '
@@ -263,7 +271,13 @@ def fewshot_accuracies(x_train: np.ndarray, labels_train: np.ndarray,
     per_seed, chosen, per_l2 = [], [], {float(l): [] for l in l2_regs}
     for seed in seeds:
       idx = sample_shots(labels_train, num_classes, k, seed)
-      cache = ridge_precompute(x_train[idx], labels_train[idx], num_classes,
+      labels = labels_train[idx]
+      if train_rows is not None:
+        pos = np.searchsorted(train_rows, idx)
+        if np.any(pos >= len(train_rows)) or np.any(train_rows[np.minimum(pos, len(train_rows) - 1)] != idx):
+          raise FewShotError('train_rows does not contain every drawn example.')
+        idx = pos
+      cache = ridge_precompute(x_train[idx], labels, num_classes,
                                bias_value, standardize)
       # Leave-one-out picks the penalty: best accuracy, then lowest squared
       # error, then the largest penalty (the simplest probe).
@@ -295,3 +309,298 @@ def results_to_metrics(name: str, results: Mapping[int, ShotResult],
       for l, a in r.per_l2.items():
         out[f'fewshot/{name}_{k}shot_l2={l:g}'] = a
   return out
+
+
+# ---------------------------------------------------------------------------
+# The model side: representations of a sow-ed layer, the evaluator, the CLI.
+# ---------------------------------------------------------------------------
+
+_DEFAULTS = dict(train_split='train', test_split='test', shots=DEFAULT_SHOTS, seeds=(0, 1, 2),
+                 l2_regs=DEFAULT_L2_REGS, representation='pre_logits', pool='auto',
+                 batch_size=64, pp_eval='resize', crop_fraction=0.875, tfds_data_dir=None,
+                 name=None, standardize='feature', per_l2=False, every=0)
+
+
+def _cfg(config: Any, key: str) -> Any:
+  value = config.get(key, None) if hasattr(config, 'get') else getattr(config, key, None)
+  return _DEFAULTS.get(key) if value is None else value
+
+
+def flat_intermediates(state: Mapping[str, Any]) -> dict[str, Any]:
+  """{'path/name': value} of a sown 'intermediates' collection.
+
+  Single sows are unwrapped; repeated sows (``Transformer/block_outputs``) stay
+  tuples and are addressed as ``Transformer/block_outputs/<i>``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  flat = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(
+      state, is_leaf=lambda v: isinstance(v, tuple))[0]:
+    key = '/'.join(str(getattr(p, 'key', p)) for p in path)
+    if isinstance(value, tuple) and len(value) == 1:
+      flat[key] = value[0]
+    elif isinstance(value, tuple):
+      for i, v in enumerate(value):
+        flat[f'{key}/{i}'] = v
+    else:
+      flat[key] = value
+  return flat
+
+
+def select_representation(flat: Mapping[str, Any], representation: str) -> Any:
+  """The sown value whose key is ``representation`` or ends with ``/representation``.
+
+  'pre_logits' (the paper's name) is the model's top-level sow 'representation'
+  (a sow cannot share the name of the `pre_logits` submodule).
+  """
+  names = [representation]
+  if representation == 'pre_logits':
+    names.append('representation')
+  hits = [k for k in flat for n in names if k == n or k.endswith('/' + n)]
+  if representation == 'pre_logits' and 'representation' in hits:
+    hits = ['representation']
+  if len(hits) != 1:
+    raise FewShotError(
+        f'Representation {representation!r} ' +
+        ('is ambiguous: ' + ', '.join(hits) if hits else 'was not sown by the model') +
+        f'. Sown layers: {", ".join(sorted(flat))}.')
+  return flat[hits[0]]
+
+
+def make_representation_fn(model: Any, representation: str = 'pre_logits',
+                           pool: str = 'auto'):
+  """fn(variables, images) -> (B, D) features of a sown layer, pooled over tokens.
+
+  3-D layers (B, T, D) are pooled: 'first' takes the class token, 'mean'
+  averages tokens, 'auto' takes the class token when the model has one (and
+  the layer is not the pre-class-token ``patch_tokens``), else the mean.
+  """
+  if pool not in ('auto', 'first', 'mean'):
+    raise FewShotError(f"pool must be 'auto', 'first' or 'mean', got {pool!r}.")
+  classifier = getattr(model, 'classifier', 'gap')
+  has_token = classifier in ('token', 'token_unpooled', 'distill')
+
+  def fn(variables, images):
+    _, state = model.apply(variables, images, train=False, mutable=['intermediates'])
+    x = select_representation(flat_intermediates(state['intermediates']), representation)
+    if x.ndim == 3:
+      first = pool == 'first' or (pool == 'auto' and has_token and
+                                  not representation.endswith('patch_tokens'))
+      x = x[:, 0] if first else x.mean(axis=1)
+    return x.reshape(x.shape[0], -1).astype('float32')
+  return fn
+
+
+def _dataset_name(dataset: str) -> str:
+  if dataset.startswith('folder:'):
+    return os.path.basename(os.path.normpath(dataset[len('folder:'):])) or 'folder'
+  return dataset.split(':')[0].split('/')[0]
+
+
+class FewShotEvaluator:
+  """Few-shot linear evaluation of a model during training (``config.evals.fewshot``).
+
+  ``fewshot_config`` keys (defaults in brackets): dataset (required; a TFDS
+  name, 'folder:<root>' or 'digits'), image_size (required), train_split
+  ['train'], test_split ['test'; slices like 'test[:2000]' work], shots
+  [(1, 5, 10, 25)], seeds [(0, 1, 2)], l2_regs [powers of 4, 1/4..16384],
+  representation ['pre_logits'; any sown layer, e.g. 'encoder_out' or
+  'Transformer/block_outputs/5'], pool ['auto'], batch_size [64], pp_eval
+  ['resize'], crop_fraction [0.875], tfds_data_dir, name [from dataset],
+  standardize ['feature'], per_l2 [False: also log every penalty], every
+  [steps; read by the training loop].
+
+  Only the images that some seed draws as shots are pushed through the model
+  (at most max(shots) x classes x seeds), plus the whole test split.
+  ``run(params)`` returns e.g. {'fewshot/cifar10_5shot': 0.87, ...}.
+  """
+
+  def __init__(self, fewshot_config: Any, model: Any):
+    for key in ('dataset', 'image_size'):
+      if _cfg(fewshot_config, key) is None:
+        raise FewShotError(f'config.evals.fewshot.{key} is required.')
+    self.config = fewshot_config
+    self.model = model
+    self.name = _cfg(fewshot_config, 'name') or _dataset_name(_cfg(fewshot_config, 'dataset'))
+    self.shots = tuple(int(k) for k in _cfg(fewshot_config, 'shots'))
+    self.seeds = tuple(int(s) for s in _cfg(fewshot_config, 'seeds'))
+    self.l2_regs = tuple(float(v) for v in _cfg(fewshot_config, 'l2_regs'))
+    self.batch_size = int(_cfg(fewshot_config, 'batch_size'))
+    self._fn = make_representation_fn(model, _cfg(fewshot_config, 'representation'),
+                                      _cfg(fewshot_config, 'pool'))
+    self._jitted = {}
+    self.last_results: dict[int, ShotResult] | None = None
+
+  # -- data -----------------------------------------------------------------
+
+  def _pipeline_config(self):
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    c = self.config
+    return ml_collections.ConfigDict(dict(
+        dataset=_cfg(c, 'dataset'), train_split=_cfg(c, 'train_split'),
+        test_split=_cfg(c, 'test_split'), tfds_data_dir=_cfg(c, 'tfds_data_dir'),
+        image_size=_cfg(c, 'image_size'), batch_size=self.batch_size,
+        batch_size_eval=self.batch_size, seed=0,
+        pp=dict(eval=_cfg(c, 'pp_eval'), crop_fraction=float(_cfg(c, 'crop_fraction')))))
+
+  def _source(self, split: str):
+    from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    c = self.config
+    return input_pipeline.load_source(
+        _cfg(c, 'dataset'), split, train_split=_cfg(c, 'train_split'),
+        data_dir=_cfg(c, 'tfds_data_dir'))
+
+  def _subset_batches(self, source, indices: np.ndarray):
+    """Batches (images, labels) of the given examples, eval preprocessing."""
+    from vit_jax import input_pipeline, preprocess  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    c = self.config
+    eval_fn = preprocess.get_eval_fn(_cfg(c, 'pp_eval'), _cfg(c, 'image_size'),
+                                     crop_fraction=float(_cfg(c, 'crop_fraction')))
+    labels = tf.constant(source.labels[indices], tf.int32)
+    if source.kind == 'files':
+      data = tf.constant(source.data[indices])
+      load = lambda d: input_pipeline.decode_image(tf.io.read_file(d))  # noqa: E731
+    elif source.kind == 'encoded':
+      data = tf.constant(source.data[indices].tolist(), tf.string)
+      load = input_pipeline.decode_image
+    elif source.kind == 'array':
+      data = tf.constant(source.data[indices], tf.uint8)
+      load = lambda d: d  # noqa: E731
+    else:
+      raise FewShotError(f'Cannot pick examples from {source.description} ({source.kind}).')
+    ds = tf.data.Dataset.from_tensor_slices((data, labels))
+    ds = ds.map(lambda d, y: (eval_fn(load(d)), y), num_parallel_calls=tf.data.AUTOTUNE)
+    for images, y in ds.batch(self.batch_size).prefetch(2).as_numpy_iterator():
+      yield images, y
+
+  def _test_batches(self):
+    from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    # Every process reads the whole split: the features are replicated.
+    for batch in input_pipeline.make_eval_iter(self._pipeline_config(),
+                                               _cfg(self.config, 'test_split'),
+                                               process_index=0, process_count=1):
+      keep = batch['mask'] > 0
+      yield batch['image'], batch['label'], keep
+
+  # -- model ----------------------------------------------------------------
+
+  def _features(self, variables: Any, images: np.ndarray) -> np.ndarray:
+    import jax  # pylint: disable=g-import-not-at-top
+    n = len(images)
+    if n < self.batch_size:  # pad to one shape: one compilation
+      pad = np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)
+      images = np.concatenate([images, pad])
+    leaf = jax.tree.leaves(variables)[0]
+    sharding = getattr(leaf, 'sharding', None)
+    mesh = getattr(sharding, 'mesh', None)
+    key = id(mesh)
+    if key not in self._jitted:
+      if mesh is not None:
+        repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self._jitted[key] = (jax.jit(self._fn, out_shardings=repl), repl)
+      else:
+        self._jitted[key] = (jax.jit(self._fn), None)
+    fn, repl = self._jitted[key]
+    if repl is not None and jax.process_count() > 1:
+      images = jax.make_array_from_process_local_data(repl, images)
+    return np.asarray(fn(variables, images))[:n]
+
+  def representations(self, params: Any, batch_stats: Any = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """(x_pool, pool_rows, labels_train, x_test, labels_test, num_classes)."""
+    variables = {'params': params}
+    if batch_stats is not None:
+      variables['batch_stats'] = batch_stats
+    train = self._source(_cfg(self.config, 'train_split'))
+    num_classes = len(train.class_names)
+    if train.labels is None:
+      raise FewShotError(f'{train.description} is streamed (too large to hold in memory); '
+                         f'few-shot needs random access: use a smaller train_split slice.')
+    rows = np.unique(np.concatenate([
+        sample_shots(train.labels, num_classes, max(self.shots), s) for s in self.seeds]))
+    x_pool = np.concatenate([self._features(variables, im)
+                             for im, _ in self._subset_batches(train, rows)])
+    xs, ys = [], []
+    for images, labels, keep in self._test_batches():
+      xs.append(self._features(variables, images)[keep])
+      ys.append(labels[keep])
+    return x_pool, rows, train.labels, np.concatenate(xs), np.concatenate(ys), num_classes
+
+  def run(self, params: Any, batch_stats: Any = None) -> dict[str, float]:
+    """Few-shot accuracies of the model with ``params`` (mean over seeds)."""
+    x_pool, rows, labels_train, x_test, labels_test, num_classes = self.representations(
+        params, batch_stats)
+    self.last_results = fewshot_accuracies(
+        x_pool, labels_train, x_test, labels_test, num_classes, shots=self.shots,
+        seeds=self.seeds, l2_regs=self.l2_regs, standardize=_cfg(self.config, 'standardize'),
+        train_rows=rows)
+    return results_to_metrics(self.name, self.last_results, bool(_cfg(self.config, 'per_l2')))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  return tuple(float(v) for v in text.split(',') if v.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m vit_jax.fewshot``: few-shot accuracies of a checkpoint."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog='python -m vit_jax.fewshot',
+      description='Few-shot linear evaluation (ViT paper §4.1) of a checkpoint.')
+  parser.add_argument('--checkpoint', help='official-layout .npz')
+  parser.add_argument('--model', help='preset name, e.g. ViT-B_16')
+  parser.add_argument('--workdir', help='training workdir (its .npz and config.json)')
+  parser.add_argument('--dataset', required=True, help="TFDS name, 'folder:<root>' or 'digits'")
+  parser.add_argument('--train_split', default='train')
+  parser.add_argument('--test_split', default='test')
+  parser.add_argument('--tfds_data_dir')
+  parser.add_argument('--image_size', type=int, help='default: the checkpoint\'s resolution')
+  parser.add_argument('--shots', default='1,5,10,25')
+  parser.add_argument('--seeds', default='0,1,2')
+  parser.add_argument('--l2_regs', default=','.join(f'{v:g}' for v in DEFAULT_L2_REGS))
+  parser.add_argument('--representation', default='pre_logits',
+                      help="sown layer: pre_logits, encoder_out, Transformer/block_outputs/<i>, ...")
+  parser.add_argument('--pool', default='auto', choices=('auto', 'first', 'mean'))
+  parser.add_argument('--standardize', default='feature', choices=('feature', 'global'))
+  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument('--json', action='store_true', help='print all results as JSON')
+  args = parser.parse_args(argv)
+  try:
+    bundle = predict.load_bundle(args.checkpoint, args.model, args.workdir,
+                                 image_size=args.image_size)
+    config = dict(
+        dataset=args.dataset, train_split=args.train_split, test_split=args.test_split,
+        tfds_data_dir=args.tfds_data_dir, image_size=bundle.image_size,
+        shots=tuple(int(v) for v in _floats(args.shots)),
+        seeds=tuple(int(v) for v in _floats(args.seeds)), l2_regs=_floats(args.l2_regs),
+        representation=args.representation, pool=args.pool, standardize=args.standardize,
+        batch_size=args.batch_size, pp_eval=bundle.pp_eval, crop_fraction=bundle.crop_fraction)
+    evaluator = FewShotEvaluator(config, bundle.model)
+    metrics = evaluator.run(bundle.params)
+  except (FewShotError, predict.PredictError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  results = evaluator.last_results
+  if args.json:
+    print(json.dumps({'metrics': metrics, 'results': {
+        k: dataclasses.asdict(r) for k, r in results.items()}}, indent=2))
+    return 0
+  l2s = evaluator.l2_regs
+  print(f'{evaluator.name}: few-shot accuracy of {args.representation} '
+        f'(mean over seeds {evaluator.seeds}; penalty chosen by leave-one-out)')
+  print(f'{"shots":>5} {"acc":>7} {"+-std":>6}  chosen l2   | test acc per l2: ' +
+        ' '.join(f'{v:>6g}' for v in l2s))
+  for k, r in results.items():
+    chosen = ','.join(f'{v:g}' for v in r.chosen_l2)
+    print(f'{k:>5} {r.accuracy:7.4f} {r.accuracy_std:6.4f}  {chosen:<11}| ' + ' ' * 16 +
+          ' '.join(f'{r.per_l2[v]:6.3f}' for v in l2s))
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
