@@ -24,8 +24,8 @@ augmentation seed of an example is derived from (config.seed, P). Hence batch k
 is the same whether training started at 0 or resumed at k, and resuming only
 computes integer positions before the first decode (cheap). Large TFDS splits
 that do not fit in memory (more than `config.tfds_in_memory_max` examples; 0
-forces streaming) are streamed instead: shuffled with a seeded buffer of `config.shuffle_buffer`
-after `repeat()`, and resumed by skipping raw, undecoded records.
+forces streaming) are streamed instead: each epoch shuffled with a seeded buffer of
+`config.shuffle_buffer`, and resumed by skipping raw, undecoded records.
 
 Evaluation scores every example: the last batch is padded and `mask` marks real
 examples (the original dropped the remainder, ~3% of CIFAR-10 test).
@@ -535,7 +535,8 @@ def make_train_iter(
     buffer = int(config.get('shuffle_buffer', 50_000))
     if start_position:
       logger.info('Resuming the streamed dataset: skipping %d raw records.', start_position)
-    ds = source.data().repeat().shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    # Shuffle before repeat: every epoch holds each example exactly once, reshuffled per epoch.
+    ds = source.data().shuffle(buffer, seed=seed, reshuffle_each_iteration=True).repeat()
     ds = ds.enumerate().skip(start_position)
     ds = _shard_chunks(ds, b, pc, pi)
     ds = ds.map(lambda pos, ex: augment(pos, decode_image(ex[0]), ex[1]), num_parallel_calls=tf.data.AUTOTUNE)
