@@ -135,7 +135,7 @@ def test_evaluator_matches_direct_solution_on_digits():
   model = vit.VisionTransformer(
       num_classes=10, patches={'size': (4, 4)}, hidden_size=32, classifier='token',
       transformer={'mlp_dim': 64, 'num_heads': 2, 'num_layers': 1})
-  params = model.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
   cfg = dict(dataset='digits', image_size=16, shots=(1, 5), seeds=(0, 1), l2_regs=(1.0, 64.0),
              batch_size=128, per_l2=True)
   ev = fewshot.FewShotEvaluator(cfg, model)
@@ -150,10 +150,10 @@ def test_evaluator_matches_direct_solution_on_digits():
     c = ml_collections.ConfigDict(dict(dataset='digits', image_size=16, batch_size=128,
                                        train_split='train', test_split='test'))
     xs, ys = [], []
+    rep = jax.jit(lambda x: vit.get_intermediates(model, params, x)[1]['representation'])
     for b in input_pipeline.make_eval_iter(c, split, process_index=0, process_count=1):
-      _, inter = vit.get_intermediates(model, params, b['image'])
       keep = b['mask'] > 0
-      xs.append(np.asarray(inter['representation'])[keep])
+      xs.append(np.asarray(rep(b['image']))[keep])
       ys.append(b['label'][keep])
     return np.concatenate(xs), np.concatenate(ys)
 
