@@ -197,3 +197,255 @@ def embedding_filter_pcs(kernel: Any, num_components: int = 28
   num = min(num_components, vt.shape[0])
   ratio = var[:num] / max(var.sum(), 1e-300)
   return vt[:num].reshape(num, ph, pw, c), ratio
+
+
+# ---------------------------------------------------------------------------
+# Figures (matplotlib, Agg backend: files only, no display needed)
+# ---------------------------------------------------------------------------
+
+
+def _pyplot():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def upsample_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize of a (gh, gw) map to the image size (h, w)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  h, w = size
+  return np.asarray(Image.fromarray(np.asarray(m, np.float32), mode='F').resize(
+      (w, h), Image.BILINEAR))
+
+
+def plot_rollout(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], path: str,
+                 titles: Sequence[str] | None = None) -> str:
+  """Fig. 6: per image, the input, the rollout heat map over it, and input x map."""
+  plt = _pyplot()
+  n = len(images)
+  fig, axes = plt.subplots(n, 3, figsize=(9, 3.1 * n), squeeze=False)
+  for i, (image, m) in enumerate(zip(images, maps)):
+    image = np.asarray(image)
+    image = image / 255.0 if image.dtype == np.uint8 else (image + 1) / 2  # uint8 or [-1, 1]
+    image = np.clip(image, 0, 1)
+    mask = upsample_map(m / max(float(np.max(m)), 1e-12), image.shape[:2])
+    axes[i, 0].imshow(image)
+    axes[i, 0].set_title(titles[i] if titles else 'input', fontsize=9)
+    axes[i, 1].imshow(image)
+    axes[i, 1].imshow(mask, cmap='jet', alpha=0.5, vmin=0, vmax=1)
+    axes[i, 1].set_title('attention rollout', fontsize=9)
+    axes[i, 2].imshow(image * mask[..., None])
+    axes[i, 2].set_title('input x rollout (paper Fig. 6)', fontsize=9)
+    for ax in axes[i]:
+      ax.axis('off')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def plot_attention_distance(distances: np.ndarray, path: str, image_size: int | None = None,
+                            title: str = '') -> str:
+  """Fig. 7 (right) / Fig. 11: one dot per head, layers along x."""
+  plt = _pyplot()
+  d = np.asarray(distances)
+  layers, heads = d.shape
+  fig, ax = plt.subplots(figsize=(5.5, 4))
+  cmap = plt.get_cmap('tab20' if heads > 10 else 'tab10')
+  for h in range(heads):
+    ax.scatter(np.arange(1, layers + 1), d[:, h], s=14, color=cmap(h % cmap.N),
+               label=f'head {h + 1}')
+  ax.set_xlabel('Network depth (layer)')
+  ax.set_ylabel('Mean attention distance (pixels)')
+  top = float(d.max()) * 1.1 if d.size else 1.0
+  if image_size:
+    top = max(top, image_size / 2)
+  ax.set_ylim(0, top)
+  ax.set_xlim(0.5, layers + 0.5)
+  ax.set_xticks(np.arange(1, layers + 1, max(1, layers // 12)))
+  ax.set_title(title or (f'image width {image_size} px' if image_size else ''), fontsize=9)
+  if heads <= 16:
+    ax.legend(fontsize=6, ncol=2, loc='lower right', frameon=False)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def similarity_mosaic(sim: np.ndarray) -> np.ndarray:
+  """Tiles the (gh, gw) similarity maps of all patches into one image, NaN gaps."""
+  gh, gw = sim.shape[:2]
+  out = np.full((gh * (gh + 1) - 1, gw * (gw + 1) - 1), np.nan)
+  for i in range(gh):
+    for j in range(gw):
+      out[i * (gh + 1):i * (gh + 1) + gh, j * (gw + 1):j * (gw + 1) + gw] = sim[i, j]
+  return out
+
+
+def plot_posemb_similarity(sim: np.ndarray, path: str, title: str = '') -> str:
+  """Fig. 7 (centre): tile (i, j) is the similarity of patch (i, j)'s embedding to all."""
+  plt = _pyplot()
+  gh, gw = sim.shape[:2]
+  mosaic = similarity_mosaic(sim)
+  fig, ax = plt.subplots(figsize=(6.5, 6))
+  cmap = plt.get_cmap('viridis').copy()
+  cmap.set_bad('white')
+  im = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation='nearest')
+  ax.set_xticks([j * (gw + 1) + (gw - 1) / 2 for j in range(gw)], [str(j + 1) for j in range(gw)],
+                fontsize=6)
+  ax.set_yticks([i * (gh + 1) + (gh - 1) / 2 for i in range(gh)], [str(i + 1) for i in range(gh)],
+                fontsize=6)
+  ax.set_xlabel('Input patch column')
+  ax.set_ylabel('Input patch row')
+  ax.tick_params(length=0)
+  for s in ax.spines.values():
+    s.set_visible(False)
+  fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='Cosine similarity')
+  ax.set_title(title or 'Position embedding similarity', fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_embedding_pcs(pcs: np.ndarray, path: str, ratio: np.ndarray | None = None,
+                       cols: int = 7) -> str:
+  """Fig. 7 (left): each component min-max scaled to [0, 1] and shown as RGB."""
+  plt = _pyplot()
+  k = len(pcs)
+  rows = int(np.ceil(k / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows), squeeze=False)
+  for idx, ax in enumerate(axes.flat):
+    ax.axis('off')
+    if idx >= k:
+      continue
+    pc = pcs[idx]
+    pc = (pc - pc.min()) / max(float(pc.max() - pc.min()), 1e-12)
+    ax.imshow(pc if pc.shape[-1] == 3 else pc.mean(-1), cmap=None if pc.shape[-1] == 3 else 'gray',
+              interpolation='nearest')
+    if ratio is not None:
+      ax.set_title(f'{100 * ratio[idx]:.1f}%', fontsize=6)
+  fig.suptitle('RGB embedding filters (first principal components)', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+# ---------------------------------------------------------------------------
+# Running a model: ``python -m vit_jax.analysis``
+# ---------------------------------------------------------------------------
+
+
+def model_attentions(model: Any, params: Any, images: np.ndarray,
+                     batch_size: int = 16) -> list[np.ndarray]:
+  """Per-layer attention weights (N, heads, T, T) of the model on ``images``."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+
+  @jax.jit
+  def fn(p, x):
+    _, inter = vit.get_intermediates(model, p, x, train=False)
+    return vit.attention_weights(inter)
+
+  chunks = [fn(params, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+  if not chunks[0]:
+    raise AnalysisError('The model sowed no attention weights (is it a ViT?).')
+  return [np.concatenate([np.asarray(c[layer]) for c in chunks])
+          for layer in range(len(chunks[0]))]
+
+
+def position_embeddings(params: Any, model_config: Any, grid: tuple[int, int]) -> np.ndarray:
+  """Learned embeddings from the params, or the fixed sincos2d ones."""
+  pos = params.get('Transformer', {}).get('posembed_input', {}).get('pos_embedding')
+  if pos is not None:
+    return np.asarray(pos)
+  posemb = model_config.get('posemb', 'learn') if hasattr(model_config, 'get') else 'learn'
+  if posemb == 'sincos2d':
+    from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+    return vit.sincos2d(grid[0], grid[1], int(model_config.hidden_size))
+  raise AnalysisError('The model has no position embeddings (posemb=none).')
+
+
+def run_all(bundle: Any, paths: Sequence[str], out_dir: str,
+            num_components: int = 28) -> dict[str, str]:
+  """Writes the four figures (and analysis.npz with their numbers) to ``out_dir``."""
+  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+
+  os.makedirs(out_dir, exist_ok=True)
+  images, raw = predict.load_images(paths, bundle)
+  prefix = predict.num_prefix_tokens(bundle.model_config)
+  attentions = model_attentions(bundle.model, bundle.params, images)
+  grid, _ = infer_grid(attentions[0].shape[-1], prefix)
+  h, w = bundle.image_size
+  px = (h / grid[0], w / grid[1])
+  written, numbers = {}, {}
+
+  roll = attention_rollout(attentions)
+  maps = rollout_map(roll, grid, prefix)
+  probs = predict.predict_probs(bundle, images)
+  top = predict.top_k(probs, 1, bundle.labels)
+  titles = [f'{os.path.basename(p)}: {t[0]["name"]} ({t[0]["prob"]:.2f})' for p, t in zip(paths, top)]
+  written['rollout'] = plot_rollout(raw, maps, os.path.join(out_dir, 'attention_rollout.png'), titles)
+  numbers['rollout_maps'] = maps
+
+  dist = attention_distances(attentions, grid, px, prefix)
+  written['distance'] = plot_attention_distance(
+      dist, os.path.join(out_dir, 'attention_distance.png'), image_size=w,
+      title=f'{len(images)} image(s), image width {w} px')
+  numbers['attention_distance'] = dist
+
+  try:
+    sim = posemb_similarity(position_embeddings(bundle.params, bundle.model_config, grid), grid)
+    written['posemb'] = plot_posemb_similarity(sim, os.path.join(out_dir, 'posemb_similarity.png'))
+    numbers['posemb_similarity'] = sim
+  except AnalysisError:
+    pass
+
+  kernel = bundle.params.get('embedding', {}).get('kernel')
+  if kernel is not None:
+    pcs, ratio = embedding_filter_pcs(kernel, num_components)
+    written['filters'] = plot_embedding_pcs(pcs, os.path.join(out_dir, 'embedding_filters_pca.png'),
+                                            ratio)
+    numbers['filter_pcs'], numbers['filter_pcs_ratio'] = pcs, ratio
+  np.savez(os.path.join(out_dir, 'analysis.npz'), **numbers)
+  written['numbers'] = os.path.join(out_dir, 'analysis.npz')
+  return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog='python -m vit_jax.analysis',
+      description='Attention rollout, attention distance, position-embedding similarity and '
+                  'embedding-filter PCs of a ViT (paper Figs. 6, 7, 11) as PNGs.')
+  parser.add_argument('images', nargs='+', help='image files and/or directories')
+  parser.add_argument('--checkpoint', help='official-layout .npz')
+  parser.add_argument('--model', help='preset name, e.g. ViT-B_16')
+  parser.add_argument('--workdir', help='training workdir (its .npz, config.json, labels.txt)')
+  parser.add_argument('--labels', help='class names, one per line (for the titles)')
+  parser.add_argument('--image_size', type=int)
+  parser.add_argument('--out_dir', default='analysis')
+  parser.add_argument('--num_components', type=int, default=28)
+  args = parser.parse_args(argv)
+  try:
+    bundle = predict.load_bundle(args.checkpoint, args.model, args.workdir, args.labels,
+                                 args.image_size)
+    written = run_all(bundle, predict.collect_images(args.images), args.out_dir,
+                      args.num_components)
+  except (predict.PredictError, AnalysisError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  for name, path in written.items():
+    print(f'{name:>9}: {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
