@@ -57,7 +57,7 @@ def _hybrid(name: str, base: str, num_layers: tuple[int, ...],
   cfg = ml_collections.ConfigDict(MODEL_CONFIGS[base].to_dict())
   cfg.model_name = name
   cfg.patches.size = (patch, patch)
-  cfg.resnet = ml_collections.ConfigDict(dict(num_layers=num_layers, width_factor=1))
+  cfg.resnet = ml_collections.ConfigDict({'num_layers': num_layers, 'width_factor': 1})
   return cfg
 
 
@@ -78,12 +78,12 @@ for _p in (4, 8, 16):
   MODEL_CONFIGS[f'SmallViT_{_p}'] = _vit(f'SmallViT_{_p}', _p, 192, 384, 12, 9)
   # SL-ViT (Lee et al.): Shifted Patch Tokenization + Locality Self-Attention.
   _cfg = _vit(f'SL-ViT_{_p}', _p, 192, 384, 12, 9)
-  _cfg.tokenizer = ml_collections.ConfigDict(dict(type='spt'))
+  _cfg.tokenizer = ml_collections.ConfigDict({'type': 'spt'})
   _cfg.transformer.locality_attention = True
   MODEL_CONFIGS[f'SL-ViT_{_p}'] = _cfg
   # Rot-ViT (RPT report §3.2): Rotated Patch Tokenization, standard attention.
   _cfg = _vit(f'Rot-ViT_{_p}', _p, 192, 384, 12, 9)
-  _cfg.tokenizer = ml_collections.ConfigDict(dict(type='rpt'))
+  _cfg.tokenizer = ml_collections.ConfigDict({'type': 'rpt'})
   MODEL_CONFIGS[f'Rot-ViT_{_p}'] = _cfg
   # DeiT-Ti (Touvron et al. 2021): ViT-Ti with a distillation token and head.
   _cfg = _vit(f'DeiT-Ti_{_p}', _p, *_VIT['Ti'])
@@ -91,9 +91,9 @@ for _p in (4, 8, 16):
   MODEL_CONFIGS[f'DeiT-Ti_{_p}'] = _cfg
 
 # ResNet-56 (He et al. 2016, CIFAR variant; vit_jax/models/resnet_cifar.py).
-MODEL_CONFIGS['ResNet-56'] = ml_collections.ConfigDict(dict(
-    model_type='resnet_cifar', model_name='ResNet-56', blocks_per_stage=9,
-    widths=(16, 32, 64)))
+MODEL_CONFIGS['ResNet-56'] = ml_collections.ConfigDict({
+    'model_type': 'resnet_cifar', 'model_name': 'ResNet-56', 'blocks_per_stage': 9,
+    'widths': (16, 32, 64)})
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:
