@@ -252,13 +252,16 @@ def test_to_global_makes_jax_arrays():
   np.testing.assert_array_equal(np.asarray(out['label']), batch['label'])
 
 
+def _cache_root() -> pathlib.Path:
+  return pathlib.Path(os.environ.get('VIT_JAX_TEST_CACHE', pathlib.Path.home() / '.cache' / 'vit_jax_test'))
+
+
 def _cifar_test_dir() -> pathlib.Path:
   """Extracts CIFAR-10's test split from ../shared/data once into ~/.cache/vit_jax_test."""
   archive = shared_dir() / 'data' / 'cifar10_jpeg.tar.gz'
   if not archive.is_file():
     pytest.skip(f'{archive} not found')
-  root = pathlib.Path(os.environ.get('VIT_JAX_TEST_CACHE', pathlib.Path.home() / '.cache' / 'vit_jax_test'))
-  out = root / 'cifar10_jpeg'
+  out = _cache_root() / 'cifar10_jpeg'
   done = out / '.test_extracted'
   if not done.exists():
     out.mkdir(parents=True, exist_ok=True)
@@ -287,3 +290,27 @@ def test_real_cifar10_test_split_is_scored_completely():
   # The original dropped the last partial batch: 19 * 512 = 9,728 of 10,000. We score all of them.
   assert n_batches == 20 and n_real == 10_000
   np.testing.assert_array_equal(counts, [1000] * 10)
+
+
+def test_real_tiny_imagenet_val_split():
+  archive = shared_dir() / 'data' / 'tiny-imagenet-200.tar.gz'
+  if not archive.is_file():
+    pytest.skip(f'{archive} not found')
+  out = _cache_root() / 'tiny_imagenet'
+  done = out / '.val_extracted'
+  if not done.exists():  # val + class list only (~10k files); train is not needed for this check
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+      keep = ('tiny-imagenet-200/val/', 'tiny-imagenet-200/wnids.txt', 'tiny-imagenet-200/words.txt')
+      tar.extractall(out, members=[m for m in tar if m.name.startswith(keep)], filter='data')
+    done.touch()
+  root = out / 'tiny-imagenet-200'
+  c = _config(dataset=f'folder:{root}', train_split='val', test_split='val', image_size=8, batch_size_eval=1000,
+              pp={'train': 'resize', 'eval': 'resize'})
+  info = ip.get_dataset_info(c)
+  assert info.num_classes == 200 and info.num_test == 10_000
+  assert info.class_names[0] == 'n01443537' and list(info.class_names) == sorted(info.class_names)
+  counts = np.zeros(200, int)
+  for b in ip.make_eval_iter(c, process_index=0, process_count=1):  # decodes every file, greyscale JPEGs too
+    counts += np.bincount(b['label'][b['mask'] == 1], minlength=200)
+  np.testing.assert_array_equal(counts, [50] * 200)

@@ -92,13 +92,33 @@ def test_affine_identity_rotation_and_zoom_are_exact():
   np.testing.assert_allclose(zoomed[4, :, 0], 20 + 5 * np.arange(9), atol=1e-3)
 
 
-def test_rpt_augment_factors_bound_rotation_and_zoom():
-  # With rotation 0 and zoom 0, rpt_augment reduces to resize + flip.
+@pytest.mark.parametrize('in_hw,size', [((8, 8), 8), ((10, 7), (20, 16)), ((21, 30), 9), ((5, 9), (9, 5))])
+def test_fused_resize_affine_equals_tf_resize(in_hw, size):
+  # With no rotation/zoom, the single-pass transform is exactly tf.image.resize
+  # (half-pixel centres; NEAREST edges = resize's clamping).
+  rng = np.random.default_rng(5)
+  img = rng.integers(0, 256, (*in_hw, 3), dtype=np.uint8)
+  out = preprocess.affine_transform(img, 0.0, 1.0, 1.0, size, fill_mode='NEAREST').numpy()
+  np.testing.assert_allclose(out, preprocess.resize(img, size).numpy(), atol=2e-3)
+
+
+# Shapes where rpt_augment's intermediate resolution equals the input or the output.
+@pytest.mark.parametrize('in_hw,size', [((8, 8), 8), ((4, 4), 16), ((21, 30), 9)])
+def test_rpt_augment_without_rotation_and_zoom_is_resize_and_flip(in_hw, size):
+  # The fused resize+affine pass must reproduce tf.image.resize exactly (NEAREST edge
+  # handling = resize's clamping), up to the random flip.
   rng = np.random.default_rng(4)
-  img = tf.constant(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-  out = preprocess.rpt_augment(img, _seed(5), 8, rotation_factor=0.0, zoom_factor=0.0).numpy()
-  ref = img.numpy().astype(np.float32) / 127.5 - 1
-  assert np.allclose(out, ref, atol=1e-4) or np.allclose(out, ref[:, ::-1], atol=1e-4)
+  img = tf.constant(rng.integers(0, 256, (*in_hw, 3), dtype=np.uint8))
+  ref = preprocess.to_unit_range(preprocess.resize(img, size)).numpy()
+  flips = set()
+  for i in range(6):
+    out = preprocess.rpt_augment(img, _seed(i), size, rotation_factor=0.0, zoom_factor=0.0,
+                                 fill_mode='NEAREST').numpy()
+    assert out.shape == ref.shape
+    same, flipped = np.allclose(out, ref, atol=1e-4), np.allclose(out, ref[:, ::-1], atol=1e-4)
+    assert same or flipped
+    flips.add(flipped and not same)
+  assert flips == {True, False}  # both outcomes of the flip occur
 
 
 def test_unknown_preprocessing_names_fail_clearly():

@@ -206,7 +206,17 @@ def _folder_split_dir(root: str, name: str) -> str:
 
 
 def _folder_class_names(root: str, train_split: str) -> tuple[str, ...]:
-  """Label order: sorted class folder names of the train split (identical for every split)."""
+  """Label order: sorted class folder names of the train split (identical for every split).
+
+  Tiny-ImageNet lists its classes in root/wnids.txt; sorted, they are the same
+  names as its train folders, and reading them lets 'val' be used without 'train'.
+  """
+  wnids = os.path.join(root, 'wnids.txt')
+  if os.path.isfile(wnids):
+    with open(wnids) as f:
+      names = sorted({line.strip() for line in f if line.strip()})
+    if names:
+      return tuple(names)
   path = _folder_split_dir(root, parse_split(train_split)[0])
   classes = tuple(_subdirs(path))
   if not classes:
