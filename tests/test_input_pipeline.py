@@ -240,6 +240,13 @@ def test_tfds_mock_in_memory_and_streaming(tmp_path):
     assert sorted(labels[:10].tolist()) == sorted(ip._source(c, 'train[:98%]').labels.tolist())
 
 
+def test_unprepared_tfds_without_download_says_what_to_do(tmp_path):
+  pytest.importorskip('tensorflow_datasets')
+  c = _config(dataset='cifar10', tfds_data_dir=str(tmp_path), tfds_download=False)
+  with pytest.raises(ValueError, match=r"TFDS dataset 'cifar10' is not prepared in data_dir=.*tfds build cifar10"):
+    ip.get_dataset_info(c)
+
+
 def test_to_global_makes_jax_arrays():
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec

@@ -35,7 +35,8 @@ tfds_download [True], tfds_in_memory_max [300_000], train_split, test_split,
 num_classes [dataset's], image_size, pp.train ['inception_crop'],
 pp.eval ['resize'], pp.crop_fraction [0.875], pp.rotation_factor [0.02],
 pp.zoom_factor [0.2], shuffle_buffer [50_000, streaming only], seed [0],
-batch_size, batch_size_eval [batch_size], prefetch [2].
+batch_size, batch_size_eval [batch_size], prefetch [2], data_threads [None = TF's
+default; an int caps tf.data's private thread pool].
 """
 
 from __future__ import annotations
@@ -469,6 +470,9 @@ def _finish(ds: tf.data.Dataset, batch: int, config: Any) -> tf.data.Dataset:
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
+  threads = config.get('data_threads')
+  if threads:  # cap tf.data's threads when JAX needs the same few cores
+    options.threading.private_threadpool_size = int(threads)
   return ds.with_options(options)
 
 
