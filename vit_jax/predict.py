@@ -105,30 +105,13 @@ def workdir_checkpoint(workdir: str, config: dict[str, Any]) -> str:
 
 
 def model_config_from_training(config: dict[str, Any]):
-  """Model ConfigDict of a training config: preset ``model_name`` + ``model`` overrides."""
+  """The model ConfigDict training built (train.model_config: preset + overrides)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
 
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
-  name = _get(config, 'model_name')
-  overrides = _get(config, 'model') or {}
-  if isinstance(overrides, ml_collections.ConfigDict):
-    overrides = overrides.to_dict()
-  if name:
-    cfg = models.get_config(name).to_dict()
-    _deep_update(cfg, overrides)
-  elif overrides:
-    cfg = dict(overrides)
-  else:
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  if not _get(config, 'model_name') and not _get(config, 'model'):
     raise PredictError('The training config names no model (neither model_name nor model).')
-  return ml_collections.ConfigDict(cfg)
-
-
-def _deep_update(base: dict, overrides: dict) -> None:
-  for k, v in overrides.items():
-    if isinstance(v, dict) and isinstance(base.get(k), dict):
-      _deep_update(base[k], v)
-    else:
-      base[k] = v
+  return train.model_config(ml_collections.ConfigDict(config))
 
 
 def _backbone_stride(model_config: Any) -> int:

@@ -1,0 +1,184 @@
+"""vit_jax.predict: probabilities equal a direct model.apply, and (acceptance)
+an exported .npz of a short training run predicts exactly what the run's own
+eval scored."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from vit_jax import checkpoint, predict
+from vit_jax.models import vit
+
+
+def _write_digit_folder(root, per_class_train=12, per_class_test=6):
+  """scikit-learn's 8x8 digits as PNG files in the image-folder layout."""
+  from sklearn.datasets import load_digits
+  digits = load_digits()
+  images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+  counts = {}
+  for image, label in zip(images, digits.target):
+    n = counts.get(label, 0)
+    if n >= per_class_train + per_class_test:
+      continue
+    counts[label] = n + 1
+    split = 'train' if n < per_class_train else 'test'
+    d = os.path.join(root, split, f'digit{label}')
+    os.makedirs(d, exist_ok=True)
+    Image.fromarray(np.repeat(image[..., None], 3, -1)).save(os.path.join(d, f'{n:03d}.png'))
+  return root
+
+
+def _tiny_model(num_classes=3):
+  return vit.VisionTransformer(
+      num_classes=num_classes, patches={'size': (4, 4)}, hidden_size=16, classifier='token',
+      transformer={'mlp_dim': 32, 'num_heads': 2, 'num_layers': 1})
+
+
+@pytest.fixture(scope='module')
+def saved_model(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('predict')
+  model = _tiny_model()
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))['params']
+  rng = np.random.default_rng(0)  # the head is zero-initialised: make the logits non-trivial
+  params = jax.tree.map(lambda p: np.asarray(p) + 0.3 * rng.normal(size=p.shape).astype(np.float32),
+                        params)
+  path = checkpoint.save(params, str(tmp / 'model.npz'))
+  (tmp / 'labels.txt').write_text('cat\ndog\nbird\n')
+  os.makedirs(tmp / 'imgs' / 'sub')
+  for i, size in enumerate([(32, 32), (20, 45), (64, 48)]):
+    image = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp / 'imgs' / ('sub' if i == 2 else '') / f'{i}.png')
+  return tmp, model, params, path
+
+
+def test_predict_matches_direct_apply(saved_model, capsys):
+  tmp, model, params, path = saved_model
+  # The model config: preset-free, so go through a workdir-like config.json.
+  cfg = dict(model=dict(model_name='tiny', patches={'size': [4, 4]}, hidden_size=16,
+                        classifier='token', representation_size=None, resnet=None,
+                        transformer=dict(mlp_dim=32, num_heads=2, num_layers=1,
+                                         dropout_rate=0.0, attention_dropout_rate=0.0)),
+             model_name=None, image_size=32, pp=dict(eval='resize', crop_fraction=0.875))
+  wd = tmp / 'workdir'
+  os.makedirs(wd, exist_ok=True)
+  (wd / 'config.json').write_text(json.dumps(cfg))
+  os.link(path, wd / 'tiny.npz')
+  os.link(tmp / 'labels.txt', wd / 'labels.txt')
+  assert predict.main([f'--workdir={wd}', '--json', '--top_k=3', str(tmp / 'imgs')]) == 0
+  out = json.loads(capsys.readouterr().out)
+  files = [str(tmp / 'imgs' / '0.png'), str(tmp / 'imgs' / '1.png'), str(tmp / 'imgs' / 'sub' / '2.png')]
+  assert [o['image'] for o in out] == files  # directories expand recursively, sorted
+
+  # Direct path: PIL decode (PNG is lossless), the eval resize, model.apply, softmax.
+  import tensorflow as tf
+  images = np.stack([tf.image.resize(np.asarray(Image.open(f).convert('RGB'), np.float32), (32, 32),
+                                     method='bilinear').numpy() / 127.5 - 1 for f in files])
+  probs = np.asarray(jax.nn.softmax(model.apply({'params': params}, images, train=False)))
+  for o, p in zip(out, probs):
+    got = {r['label']: r['prob'] for r in o['top_k']}
+    assert sum(got.values()) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose([got[c] for c in range(3)], p, atol=1e-6)
+    assert [r['label'] for r in o['top_k']] == list(np.argsort(-p))
+    assert [r['name'] for r in o['top_k']] == [['cat', 'dog', 'bird'][c] for c in np.argsort(-p)]
+  assert len(set(int(np.argmax(p)) for p in probs)) > 1 or probs.std() > 0.01  # non-trivial logits
+
+
+def test_image_size_from_checkpoint_and_top_k(saved_model):
+  _, _, _, path = saved_model
+  params = checkpoint.load(path)
+  import ml_collections
+  mc = ml_collections.ConfigDict(dict(patches={'size': (4, 4)}, classifier='token', resnet=None))
+  assert predict.image_size_from_params(params, mc) == (32, 32)
+  mc.resnet = {'num_layers': (3, 4, 9)}  # R50 hybrid: the backbone downsamples 16x
+  assert predict.image_size_from_params(params, mc) == (512, 512)
+  res = predict.top_k(np.array([[0.1, 0.7, 0.2]]), 2, ['a', 'b', 'c'])
+  assert res == [[{'label': 1, 'name': 'b', 'prob': 0.7}, {'label': 2, 'name': 'c', 'prob': 0.2}]]
+
+
+def test_predict_clear_errors(saved_model, tmp_path, capsys):
+  _, _, _, path = saved_model
+  bad = tmp_path / 'broken.jpg'
+  bad.write_bytes(b'not an image')
+  (tmp_path / 'two.txt').write_text('a\nb\n')
+  assert predict.main([f'--checkpoint={tmp_path}/missing.npz', '--model=ViT-B_16', str(bad)]) == 1
+  assert 'Checkpoint not found' in capsys.readouterr().err
+  assert predict.main([str(bad)]) == 1
+  assert 'Pass --workdir=DIR, or both --checkpoint' in capsys.readouterr().err
+  os.makedirs(tmp_path / 'empty')
+  with pytest.raises(predict.PredictError, match='No image files'):
+    predict.collect_images([str(tmp_path / 'empty')])
+  with pytest.raises(predict.PredictError, match='neither an image file nor a directory'):
+    predict.collect_images([str(tmp_path / 'nope.jpg')])
+  with pytest.raises(predict.PredictError, match='config.json not found'):
+    predict.load_bundle(workdir=str(tmp_path))
+  with pytest.raises(predict.PredictError, match='Label file .* has 2 names but the checkpoint has 3'):
+    cfg = tmp_path / 'wd'
+    os.makedirs(cfg)
+    (cfg / 'config.json').write_text(json.dumps(dict(
+        model=dict(model_name='m', patches={'size': [4, 4]}, hidden_size=16, classifier='token',
+                   transformer=dict(mlp_dim=32, num_heads=2, num_layers=1)), image_size=32)))
+    os.link(path, cfg / 'm.npz')
+    predict.load_bundle(workdir=str(cfg), labels=str(tmp_path / 'two.txt'))
+  bundle = predict.load_bundle(workdir=str(cfg))
+  with pytest.raises(predict.PredictError, match=r"Cannot decode image file '.*broken.jpg'"):
+    predict.load_images([str(bad)], bundle)
+
+
+def test_cli_text_output_with_preset(tmp_path, capsys):
+  from vit_jax import models
+  model = models.get_model('testing', num_classes=2)
+  params = jax.jit(model.init)(jax.random.PRNGKey(1), np.zeros((1, 32, 32, 3), np.float32))['params']
+  params['head']['bias'] = np.array([0.0, np.log(3.0)], np.float32)  # p = (0.25, 0.75) exactly
+  checkpoint.save(params, str(tmp_path / 'm.npz'))
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / 'x.png')
+  (tmp_path / 'l.txt').write_text('no\nyes\n')
+  assert predict.main([f'--checkpoint={tmp_path}/m.npz', '--model=testing', f'--labels={tmp_path}/l.txt',
+                       str(tmp_path / 'x.png')]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines == [str(tmp_path / 'x.png'), '    0.7500  yes  (1)', '    0.2500  no  (0)']
+
+
+def test_exported_npz_predicts_what_training_evaluated(tmp_path, capsys):
+  """Acceptance (issue 5): train briefly, export a step from orbax, predict the
+  test folder through the workdir: same accuracy and loss as training's eval."""
+  from configs import quickstart
+  from vit_jax import export, train
+
+  data = _write_digit_folder(str(tmp_path / 'digits'))
+  c = quickstart.get_config()
+  c.dataset = f'folder:{data}'
+  c.model.hidden_size = 32
+  c.model.transformer.num_layers = 2
+  c.model.transformer.mlp_dim = 64
+  c.total_steps = 24
+  c.batch_size = 32
+  c.batch_size_eval = 32  # 60 test images: the last batch is padded
+  c.eval_every = 0
+  c.checkpoint_every = 12
+  c.log_every = 12
+  wd = str(tmp_path / 'workdir')
+  metrics = train.run(c, wd).metrics
+
+  # Export from the orbax checkpoint (not training's own .npz) ...
+  step, out = export.export(wd, str(tmp_path / 'exported.npz'))
+  assert step == 24
+  a, b = checkpoint.load_flat(out), checkpoint.load_flat(os.path.join(wd, 'vit-digits.npz'))
+  assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+  # ... and predict the test folder through the workdir (config.json, labels.txt).
+  assert predict.main([f'--workdir={wd}', f'--checkpoint={out}', '--json', '--top_k=10',
+                       os.path.join(data, 'test')]) == 0
+  out_json = json.loads(capsys.readouterr().out)
+  assert len(out_json) == int(metrics['num_test_examples']) == 60
+  correct, losses = [], []
+  for o in out_json:
+    truth = os.path.basename(os.path.dirname(o['image']))
+    probs = {r['name']: r['prob'] for r in o['top_k']}
+    correct.append(o['top_k'][0]['name'] == truth)
+    losses.append(-np.log(probs[truth]))
+  assert np.mean(correct) == pytest.approx(metrics['accuracy_test'], abs=1e-9)
+  assert np.mean(losses) == pytest.approx(metrics['loss_test'], abs=1e-5)
+  assert metrics['accuracy_test'] > 0.2  # it learned something in 24 steps (chance 0.1)
