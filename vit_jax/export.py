@@ -164,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--out', help='output .npz (default: WORKDIR/<model_name>.npz)')
   parser.add_argument('--list', action='store_true', help='list the available steps and exit')
   args = parser.parse_args(argv)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  logging.set_verbosity(logging.ERROR)  # orbax warns about read-only mode at INFO/WARNING
   try:
     if args.list:
       print(' '.join(map(str, list_steps(args.workdir))))
