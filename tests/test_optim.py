@@ -35,9 +35,9 @@ def test_linear_schedule_and_no_warmup():
 
 
 def test_warmup_fraction_from_config():
-  config = ml_collections.ConfigDict(dict(
-      total_steps=100, lr=dict(base=1e-3, warmup_steps=0.1,
-                               decay_type='cosine')))
+  config = ml_collections.ConfigDict({
+      'total_steps': 100, 'lr': {'base': 1e-3, 'warmup_steps': 0.1,
+                               'decay_type': 'cosine'}})
   s = optim.schedule_from_config(config)
   assert optim.lr_at(s, 10) == pytest.approx(1e-3)
   assert optim.lr_at(s, 5) == pytest.approx(5e-4)
@@ -51,8 +51,8 @@ def test_schedule_errors():
 
 
 def test_sgd_momentum_clip_matches_hand_computation():
-  cfg = ml_collections.ConfigDict(dict(name='sgd', momentum=0.9,
-                                       grad_clip_norm=1.0))
+  cfg = ml_collections.ConfigDict({'name': 'sgd', 'momentum': 0.9,
+                                       'grad_clip_norm': 1.0})
   s = optim.make_schedule(0.5, total_steps=4, warmup_steps=2)
   tx = optim.make_optimizer(cfg, s)
   params = {'w': jnp.array([1.0, 2.0])}
@@ -68,8 +68,8 @@ def test_sgd_momentum_clip_matches_hand_computation():
 
 
 def test_bf16_momentum_accumulator():
-  cfg = ml_collections.ConfigDict(dict(name='sgd', momentum=0.9,
-                                       momentum_dtype='bfloat16'))
+  cfg = ml_collections.ConfigDict({'name': 'sgd', 'momentum': 0.9,
+                                       'momentum_dtype': 'bfloat16'})
   tx = optim.make_optimizer(cfg, optim.make_schedule(0.1, 10))
   state = tx.init({'w': jnp.zeros((3, 3))})
   dtypes = {x.dtype for x in jax.tree.leaves(state) if x.ndim}
@@ -77,8 +77,8 @@ def test_bf16_momentum_accumulator():
 
 
 def test_adamw_decays_kernels_only():
-  cfg = ml_collections.ConfigDict(dict(name='adamw', weight_decay=0.1,
-                                       grad_clip_norm=None))
+  cfg = ml_collections.ConfigDict({'name': 'adamw', 'weight_decay': 0.1,
+                                       'grad_clip_norm': None})
   tx = optim.make_optimizer(cfg, lambda c: 1.0)
   params = {'kernel': jnp.ones((2, 2)), 'bias': jnp.ones((2,))}
   grads = jax.tree.map(jnp.zeros_like, params)
@@ -90,7 +90,7 @@ def test_adamw_decays_kernels_only():
 
 def test_bad_optimizer_name():
   with pytest.raises(ValueError, match="optim.name must be 'sgd' or 'adamw'"):
-    optim.make_optimizer(ml_collections.ConfigDict(dict(name='lamb')),
+    optim.make_optimizer(ml_collections.ConfigDict({'name': 'lamb'}),
                          lambda c: 1.0)
 
 

@@ -73,7 +73,7 @@ def schedule_from_config(config) -> Callable[[jax.Array], jax.Array]:
   lr = config.lr
   warmup = lr.warmup_steps
   if isinstance(warmup, float):  # A fraction of training, e.g. 0.1 (RPT, 4.2).
-    warmup = int(round(warmup * config.total_steps))
+    warmup = round(warmup * config.total_steps)
   return make_schedule(float(lr.base), int(config.total_steps), int(warmup),
                        lr.get('decay_type', 'cosine'),
                        float(lr.get('linear_end', 1e-5)))
