@@ -1,11 +1,12 @@
 """Analyses of the ViT paper §4.5 / App. D.7-D.8 on analytic cases."""
 
+import os
+
 import numpy as np
 import pytest
 
 from vit_jax import analysis
 from vit_jax.models import vit
-
 
 # ----------------------------------------------------------------- rollout
 
@@ -88,7 +89,7 @@ def test_sincos2d_similarity_structure():
   assert sim.shape == (g, g, g, g)
   # analytic: <e(p), e(q)> = sum_i cos(dx w_i) + sum_i cos(dy w_i), |e|^2 = d / 2
   omega = 1.0 / 10_000 ** (np.arange(d // 4) / (d // 4 - 1))
-  f = lambda delta: np.cos(delta * omega).sum()  # noqa: E731
+  f = lambda delta: np.cos(delta * omega).sum()
   for (i, j, k, l) in [(0, 0, 3, 5), (7, 7, 7, 8), (2, 9, 13, 0)]:
     assert sim[i, j, k, l] == pytest.approx((f(k - i) + f(l - j)) / (d / 2), abs=1e-5)
   flat = sim.reshape(g * g, g * g)
@@ -143,3 +144,44 @@ def test_clear_errors():
     analysis.attention_rollout([])
   with pytest.raises(analysis.AnalysisError, match=r'\(ph, pw, C, D\)'):
     analysis.embedding_filter_pcs(np.ones((3, 4)))
+
+
+# ------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_figures_with_the_model_numbers(tmp_path, capsys):
+  import jax
+  from PIL import Image
+
+  from vit_jax import checkpoint, models
+  model = models.get_model('testing', num_classes=3)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32))['params']
+  checkpoint.save(params, str(tmp_path / 'm.npz'))
+  rng = np.random.default_rng(0)
+  os.makedirs(tmp_path / 'imgs')
+  for i in range(2):
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / 'imgs' / f'{i}.png')
+  out = tmp_path / 'figs'
+  assert analysis.main([f'--checkpoint={tmp_path}/m.npz', '--model=testing', f'--out_dir={out}',
+                        '--num_components=8', str(tmp_path / 'imgs')]) == 0
+  for name, min_size in [('attention_rollout.png', (600, 500)), ('attention_distance.png', (500, 400)),
+                         ('posemb_similarity.png', (600, 600)), ('embedding_filters_pca.png', (600, 200))]:
+    png = np.asarray(Image.open(out / name).convert('RGB'))
+    assert png.shape[1] >= min_size[0] and png.shape[0] >= min_size[1], (name, png.shape)
+    assert png.std() > 10, name  # not blank
+
+  # The saved numbers are the module functions applied to the model's own attention.
+  numbers = np.load(out / 'analysis.npz')
+  images = np.stack([np.asarray(Image.open(tmp_path / 'imgs' / f'{i}.png'), np.float32) / 127.5 - 1
+                     for i in range(2)])  # 32x32 already: the eval resize is the identity
+  _, inter = vit.get_intermediates(model, params, images)
+  att = [np.asarray(a) for a in vit.attention_weights(inter)]
+  assert len(att) == 2 and att[0].shape == (2, 2, 65, 65)
+  np.testing.assert_allclose(numbers['rollout_maps'],
+                             analysis.rollout_map(analysis.attention_rollout(att), (8, 8)), atol=1e-5)
+  np.testing.assert_allclose(numbers['attention_distance'],
+                             analysis.attention_distances(att, (8, 8), 4.0), atol=1e-4)
+  np.testing.assert_allclose(numbers['posemb_similarity'], analysis.posemb_similarity(
+      params['Transformer']['posembed_input']['pos_embedding'], (8, 8)), atol=1e-6)
+  assert numbers['filter_pcs'].shape == (8, 4, 4, 3)
+  assert 'attention_rollout.png' in capsys.readouterr().out

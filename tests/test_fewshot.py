@@ -136,8 +136,8 @@ def test_evaluator_matches_direct_solution_on_digits():
       num_classes=10, patches={'size': (4, 4)}, hidden_size=32, classifier='token',
       transformer={'mlp_dim': 64, 'num_heads': 2, 'num_layers': 1})
   params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
-  cfg = dict(dataset='digits', image_size=16, shots=(1, 5), seeds=(0, 1), l2_regs=(1.0, 64.0),
-             batch_size=128, per_l2=True)
+  cfg = {'dataset': 'digits', 'image_size': 16, 'shots': (1, 5), 'seeds': (0, 1), 'l2_regs': (1.0, 64.0),
+             'batch_size': 128, 'per_l2': True}
   ev = fewshot.FewShotEvaluator(cfg, model)
   metrics = ev.run(params)
   assert set(metrics) == {'fewshot/digits_1shot', 'fewshot/digits_5shot',
@@ -147,8 +147,8 @@ def test_evaluator_matches_direct_solution_on_digits():
   # Direct path: every image through the training eval pipeline and vit's own
   # intermediates helper, then numpy.linalg.solve of the ridge problem.
   def embed(split):
-    c = ml_collections.ConfigDict(dict(dataset='digits', image_size=16, batch_size=128,
-                                       train_split='train', test_split='test'))
+    c = ml_collections.ConfigDict({'dataset': 'digits', 'image_size': 16, 'batch_size': 128,
+                                       'train_split': 'train', 'test_split': 'test'})
     xs, ys = [], []
     rep = jax.jit(lambda x: vit.get_intermediates(model, params, x)[1]['representation'])
     for b in input_pipeline.make_eval_iter(c, split, process_index=0, process_count=1):

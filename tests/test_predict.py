@@ -58,11 +58,11 @@ def saved_model(tmp_path_factory):
 def test_predict_matches_direct_apply(saved_model, capsys):
   tmp, model, params, path = saved_model
   # The model config: preset-free, so go through a workdir-like config.json.
-  cfg = dict(model=dict(model_name='tiny', patches={'size': [4, 4]}, hidden_size=16,
-                        classifier='token', representation_size=None, resnet=None,
-                        transformer=dict(mlp_dim=32, num_heads=2, num_layers=1,
-                                         dropout_rate=0.0, attention_dropout_rate=0.0)),
-             model_name=None, image_size=32, pp=dict(eval='resize', crop_fraction=0.875))
+  cfg = {'model': {'model_name': 'tiny', 'patches': {'size': [4, 4]}, 'hidden_size': 16,
+                        'classifier': 'token', 'representation_size': None, 'resnet': None,
+                        'transformer': {'mlp_dim': 32, 'num_heads': 2, 'num_layers': 1,
+                                         'dropout_rate': 0.0, 'attention_dropout_rate': 0.0}},
+             'model_name': None, 'image_size': 32, 'pp': {'eval': 'resize', 'crop_fraction': 0.875}}
   wd = tmp / 'workdir'
   os.makedirs(wd, exist_ok=True)
   (wd / 'config.json').write_text(json.dumps(cfg))
@@ -84,14 +84,14 @@ def test_predict_matches_direct_apply(saved_model, capsys):
     np.testing.assert_allclose([got[c] for c in range(3)], p, atol=1e-6)
     assert [r['label'] for r in o['top_k']] == list(np.argsort(-p))
     assert [r['name'] for r in o['top_k']] == [['cat', 'dog', 'bird'][c] for c in np.argsort(-p)]
-  assert len(set(int(np.argmax(p)) for p in probs)) > 1 or probs.std() > 0.01  # non-trivial logits
+  assert len({int(np.argmax(p)) for p in probs}) > 1 or probs.std() > 0.01  # non-trivial logits
 
 
 def test_image_size_from_checkpoint_and_top_k(saved_model):
   _, _, _, path = saved_model
   params = checkpoint.load(path)
   import ml_collections
-  mc = ml_collections.ConfigDict(dict(patches={'size': (4, 4)}, classifier='token', resnet=None))
+  mc = ml_collections.ConfigDict({'patches': {'size': (4, 4)}, 'classifier': 'token', 'resnet': None})
   assert predict.image_size_from_params(params, mc) == (32, 32)
   mc.resnet = {'num_layers': (3, 4, 9)}  # R50 hybrid: the backbone downsamples 16x
   assert predict.image_size_from_params(params, mc) == (512, 512)
@@ -118,9 +118,9 @@ def test_predict_clear_errors(saved_model, tmp_path, capsys):
   with pytest.raises(predict.PredictError, match='Label file .* has 2 names but the checkpoint has 3'):
     cfg = tmp_path / 'wd'
     os.makedirs(cfg)
-    (cfg / 'config.json').write_text(json.dumps(dict(
-        model=dict(model_name='m', patches={'size': [4, 4]}, hidden_size=16, classifier='token',
-                   transformer=dict(mlp_dim=32, num_heads=2, num_layers=1)), image_size=32)))
+    (cfg / 'config.json').write_text(json.dumps({
+        'model': {'model_name': 'm', 'patches': {'size': [4, 4]}, 'hidden_size': 16, 'classifier': 'token',
+                   'transformer': {'mlp_dim': 32, 'num_heads': 2, 'num_layers': 1}}, 'image_size': 32}))
     os.link(path, cfg / 'm.npz')
     predict.load_bundle(workdir=str(cfg), labels=str(tmp_path / 'two.txt'))
   bundle = predict.load_bundle(workdir=str(cfg))

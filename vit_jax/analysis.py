@@ -171,7 +171,7 @@ def infer_grid(num_tokens: int, num_prefix_tokens: int | None = None) -> tuple[t
   """(grid, prefix) for square grids from a token count, e.g. 197 -> ((14, 14), 1)."""
   prefixes = [num_prefix_tokens] if num_prefix_tokens is not None else [1, 0, 2]
   for k in prefixes:
-    g = int(round(np.sqrt(num_tokens - k)))
+    g = round(np.sqrt(num_tokens - k))
     if g > 0 and g * g == num_tokens - k:
       return (g, g), k
   raise AnalysisError(f'Cannot infer a square patch grid from {num_tokens} tokens; pass grid=.')
@@ -290,8 +290,7 @@ def plot_posemb_similarity(sim: np.ndarray, path: str, title: str = '') -> str:
   gh, gw = sim.shape[:2]
   mosaic = similarity_mosaic(sim)
   fig, ax = plt.subplots(figsize=(6.5, 6))
-  cmap = plt.get_cmap('viridis').copy()
-  cmap.set_bad('white')
+  cmap = plt.get_cmap('viridis').with_extremes(bad='white')
   im = ax.imshow(mosaic, cmap=cmap, vmin=-1, vmax=1, interpolation='nearest')
   ax.set_xticks([j * (gw + 1) + (gw - 1) / 2 for j in range(gw)], [str(j + 1) for j in range(gw)],
                 fontsize=6)

@@ -111,7 +111,7 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[int, dict[
       continue
     if not isinstance(tree, dict) or 'params' not in tree:
       continue
-    wanted = {k: tree[k] for k in EXPORTED_KEYS if k in tree and tree[k]}
+    wanted = {k: tree[k] for k in EXPORTED_KEYS if tree.get(k)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
     restored = ocp.PyTreeCheckpointer().restore(
         item_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -315,10 +315,12 @@ def results_to_metrics(name: str, results: Mapping[int, ShotResult],
 # The model side: representations of a sow-ed layer, the evaluator, the CLI.
 # ---------------------------------------------------------------------------
 
-_DEFAULTS = dict(train_split='train', test_split='test', shots=DEFAULT_SHOTS, seeds=(0, 1, 2),
-                 l2_regs=DEFAULT_L2_REGS, representation='pre_logits', pool='auto',
-                 batch_size=64, pp_eval='resize', crop_fraction=0.875, tfds_data_dir=None,
-                 name=None, standardize='feature', per_l2=False, every=0)
+_DEFAULTS = {
+    'train_split': 'train', 'test_split': 'test', 'shots': DEFAULT_SHOTS, 'seeds': (0, 1, 2),
+    'l2_regs': DEFAULT_L2_REGS, 'representation': 'pre_logits', 'pool': 'auto',
+    'batch_size': 64, 'pp_eval': 'resize', 'crop_fraction': 0.875, 'tfds_data_dir': None,
+    'name': None, 'standardize': 'feature', 'per_l2': False, 'every': 0,
+}
 
 
 def _cfg(config: Any, key: str) -> Any:
@@ -436,12 +438,12 @@ class FewShotEvaluator:
   def _pipeline_config(self):
     import ml_collections  # pylint: disable=g-import-not-at-top
     c = self.config
-    return ml_collections.ConfigDict(dict(
-        dataset=_cfg(c, 'dataset'), train_split=_cfg(c, 'train_split'),
-        test_split=_cfg(c, 'test_split'), tfds_data_dir=_cfg(c, 'tfds_data_dir'),
-        image_size=_cfg(c, 'image_size'), batch_size=self.batch_size,
-        batch_size_eval=self.batch_size, seed=0,
-        pp=dict(eval=_cfg(c, 'pp_eval'), crop_fraction=float(_cfg(c, 'crop_fraction')))))
+    return ml_collections.ConfigDict({
+        'dataset': _cfg(c, 'dataset'), 'train_split': _cfg(c, 'train_split'),
+        'test_split': _cfg(c, 'test_split'), 'tfds_data_dir': _cfg(c, 'tfds_data_dir'),
+        'image_size': _cfg(c, 'image_size'), 'batch_size': self.batch_size,
+        'batch_size_eval': self.batch_size, 'seed': 0,
+        'pp': {'eval': _cfg(c, 'pp_eval'), 'crop_fraction': float(_cfg(c, 'crop_fraction'))}})
 
   def _source(self, split: str):
     from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -452,27 +454,27 @@ class FewShotEvaluator:
 
   def _subset_batches(self, source, indices: np.ndarray):
     """Batches (images, labels) of the given examples, eval preprocessing."""
-    from vit_jax import input_pipeline, preprocess  # pylint: disable=g-import-not-at-top
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+    from vit_jax import input_pipeline, preprocess  # pylint: disable=g-import-not-at-top
     c = self.config
     eval_fn = preprocess.get_eval_fn(_cfg(c, 'pp_eval'), _cfg(c, 'image_size'),
                                      crop_fraction=float(_cfg(c, 'crop_fraction')))
     labels = tf.constant(source.labels[indices], tf.int32)
     if source.kind == 'files':
       data = tf.constant(source.data[indices])
-      load = lambda d: input_pipeline.decode_image(tf.io.read_file(d))  # noqa: E731
+      load = lambda d: input_pipeline.decode_image(tf.io.read_file(d))
     elif source.kind == 'encoded':
       data = tf.constant(source.data[indices].tolist(), tf.string)
       load = input_pipeline.decode_image
     elif source.kind == 'array':
       data = tf.constant(source.data[indices], tf.uint8)
-      load = lambda d: d  # noqa: E731
+      load = lambda d: d
     else:
       raise FewShotError(f'Cannot pick examples from {source.description} ({source.kind}).')
     ds = tf.data.Dataset.from_tensor_slices((data, labels))
     ds = ds.map(lambda d, y: (eval_fn(load(d)), y), num_parallel_calls=tf.data.AUTOTUNE)
-    for images, y in ds.batch(self.batch_size).prefetch(2).as_numpy_iterator():
-      yield images, y
+    yield from ds.batch(self.batch_size).prefetch(2).as_numpy_iterator()
 
   def _test_batches(self):
     from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -573,13 +575,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     bundle = predict.load_bundle(args.checkpoint, args.model, args.workdir,
                                  image_size=args.image_size)
-    config = dict(
-        dataset=args.dataset, train_split=args.train_split, test_split=args.test_split,
-        tfds_data_dir=args.tfds_data_dir, image_size=bundle.image_size,
-        shots=tuple(int(v) for v in _floats(args.shots)),
-        seeds=tuple(int(v) for v in _floats(args.seeds)), l2_regs=_floats(args.l2_regs),
-        representation=args.representation, pool=args.pool, standardize=args.standardize,
-        batch_size=args.batch_size, pp_eval=bundle.pp_eval, crop_fraction=bundle.crop_fraction)
+    config = {
+        'dataset': args.dataset, 'train_split': args.train_split, 'test_split': args.test_split,
+        'tfds_data_dir': args.tfds_data_dir, 'image_size': bundle.image_size,
+        'shots': tuple(int(v) for v in _floats(args.shots)),
+        'seeds': tuple(int(v) for v in _floats(args.seeds)), 'l2_regs': _floats(args.l2_regs),
+        'representation': args.representation, 'pool': args.pool, 'standardize': args.standardize,
+        'batch_size': args.batch_size, 'pp_eval': bundle.pp_eval, 'crop_fraction': bundle.crop_fraction}
     evaluator = FewShotEvaluator(config, bundle.model)
     metrics = evaluator.run(bundle.params)
   except (FewShotError, predict.PredictError, ValueError) as e:

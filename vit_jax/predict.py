@@ -134,7 +134,7 @@ def image_size_from_params(params: Any, model_config: Any) -> tuple[int, int] | 
   except (KeyError, TypeError):
     return None
   n = np.shape(posemb)[1] - num_prefix_tokens(model_config)
-  g = int(round(math.sqrt(n)))
+  g = round(math.sqrt(n))
   if g * g != n:
     return None
   ph, pw = tuple(_get(_get(model_config, 'patches'), 'size'))
@@ -237,8 +237,9 @@ def load_images(paths: Sequence[str], bundle: Bundle) -> tuple[np.ndarray, list[
 
   Decoding and preprocessing are the training pipeline's own functions.
   """
-  from vit_jax import input_pipeline, preprocess  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  from vit_jax import input_pipeline, preprocess  # pylint: disable=g-import-not-at-top
   eval_fn = preprocess.get_eval_fn(bundle.pp_eval, bundle.image_size,
                                    crop_fraction=bundle.crop_fraction)
   batch, raw = [], []
