@@ -160,6 +160,9 @@ def test_exported_npz_predicts_what_training_evaluated(tmp_path, capsys):
   c.eval_every = 0
   c.checkpoint_every = 12
   c.log_every = 12
+  # Few-shot evaluation inside training (config.evals.fewshot), at step 12 and at the end.
+  c.evals = {'fewshot': {'dataset': f'folder:{data}', 'image_size': 16, 'shots': (1, 5),
+                         'seeds': (0, 1), 'batch_size': 32, 'every': 12}}
   wd = str(tmp_path / 'workdir')
   metrics = train.run(c, wd).metrics
 
@@ -182,3 +185,11 @@ def test_exported_npz_predicts_what_training_evaluated(tmp_path, capsys):
   assert np.mean(correct) == pytest.approx(metrics['accuracy_test'], abs=1e-9)
   assert np.mean(losses) == pytest.approx(metrics['loss_test'], abs=1e-5)
   assert metrics['accuracy_test'] > 0.2  # it learned something in 24 steps (chance 0.1)
+
+  # The few-shot numbers training logged are those of the exported model.
+  from vit_jax import fewshot
+  bundle = predict.load_bundle(out, workdir=wd)
+  standalone = fewshot.FewShotEvaluator(c.evals.fewshot, bundle.model).run(bundle.params)
+  assert set(standalone) == {'fewshot/digits_1shot', 'fewshot/digits_5shot'}
+  for k, v in standalone.items():
+    assert metrics[k] == pytest.approx(v, abs=1e-9), k
