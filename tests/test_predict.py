@@ -193,3 +193,25 @@ def test_exported_npz_predicts_what_training_evaluated(tmp_path, capsys):
   assert set(standalone) == {'fewshot/digits_1shot', 'fewshot/digits_5shot'}
   for k, v in standalone.items():
     assert metrics[k] == pytest.approx(v, abs=1e-9), k
+
+
+def test_batchnorm_model_uses_its_batch_stats(tmp_path, capsys):
+  """ResNet-style models (RPT report's ResNet-56) need batch_stats at inference."""
+  from vit_jax import models
+  cfg = {'model_type': 'resnet_cifar', 'model_name': 'resnet8', 'blocks_per_stage': 1,
+         'widths': [4, 8, 8]}
+  model = models.get_model(dict(cfg), num_classes=3)
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))
+  rng = np.random.default_rng(0)
+  variables = jax.tree.map(lambda v: np.asarray(v) + rng.uniform(0.1, 0.5, v.shape).astype(np.float32),
+                           variables)  # non-trivial running statistics and head
+  wd = tmp_path / 'wd'
+  os.makedirs(wd)
+  checkpoint.save(variables['params'], str(wd / 'resnet8.npz'), batch_stats=variables['batch_stats'])
+  (wd / 'config.json').write_text(json.dumps({'model': cfg, 'image_size': 16}))
+  image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  Image.fromarray(image).save(tmp_path / 'x.png')
+  assert predict.main([f'--workdir={wd}', '--json', '--top_k=3', str(tmp_path / 'x.png')]) == 0
+  got = {r['label']: r['prob'] for r in json.loads(capsys.readouterr().out)[0]['top_k']}
+  want = jax.nn.softmax(model.apply(variables, image[None].astype(np.float32) / 127.5 - 1, train=False))
+  np.testing.assert_allclose([got[c] for c in range(3)], np.asarray(want)[0], atol=1e-6)

@@ -46,6 +46,7 @@ class Bundle:
   model: Any  # flax module
   params: Any
   image_size: tuple[int, int]
+  batch_stats: Any = None  # BatchNorm models (ResNet-56) only
   pp_eval: str = 'resize'
   crop_fraction: float = 0.875
   labels: list[str] | None = None
@@ -175,16 +176,21 @@ def load_bundle(checkpoint: str | None = None, model: str | None = None,
                          f'(one of: {", ".join(sorted(models.MODEL_CONFIGS))}).')
     model_config = models.get_config(model)
   try:
-    params = ckpt.load(checkpoint)
+    variables = ckpt.load_variables(checkpoint)
   except (OSError, ckpt.CheckpointError) as e:
     raise PredictError(str(e)) from None
+  params = variables['params']
 
   info = ckpt.describe(params)
   if info.get('num_classes') is None:
     raise PredictError(f'Checkpoint {checkpoint} has no classification head (`head/kernel`).')
-  model_config.representation_size = info.get('representation_size')
-  trained_size = image_size_from_params(params, model_config)
-  size = _size2(image_size or size or trained_size or 224)
+  is_vit = _get(model_config, 'model_type', 'vit') == 'vit'
+  if is_vit:
+    model_config.representation_size = info.get('representation_size')
+  trained_size = image_size_from_params(params, model_config) if is_vit else None
+  if not (image_size or size or trained_size):
+    raise PredictError('Cannot tell the input resolution of this model: pass --image_size.')
+  size = _size2(image_size or size or trained_size)
   if trained_size and size != trained_size:
     # Fine-tuning-style resize of the position embeddings (checkpoint.py).
     ph, pw = tuple(model_config.patches.size)
@@ -204,7 +210,8 @@ def load_bundle(checkpoint: str | None = None, model: str | None = None,
     raise PredictError(
         f'Label file {labels} has {len(names)} names but the checkpoint has '
         f'{info["num_classes"]} classes.')
-  return Bundle(model=module, params=params, image_size=size, pp_eval=pp_eval,
+  return Bundle(model=module, params=params, batch_stats=variables.get('batch_stats'),
+                image_size=size, pp_eval=pp_eval,
                 crop_fraction=crop_fraction, labels=names, checkpoint=checkpoint,
                 model_config=model_config)
 
@@ -264,12 +271,15 @@ def predict_probs(bundle: Bundle, images: np.ndarray, batch_size: int = 32) -> n
   import jax  # pylint: disable=g-import-not-at-top
 
   @jax.jit
-  def probs_fn(params, x):
-    return jax.nn.softmax(bundle.model.apply({'params': params}, x, train=False), axis=-1)
+  def probs_fn(variables, x):
+    return jax.nn.softmax(bundle.model.apply(variables, x, train=False), axis=-1)
 
+  variables = {'params': bundle.params}
+  if bundle.batch_stats is not None:
+    variables['batch_stats'] = bundle.batch_stats
   out = []
   for i in range(0, len(images), batch_size):
-    out.append(np.asarray(probs_fn(bundle.params, images[i:i + batch_size])))
+    out.append(np.asarray(probs_fn(variables, images[i:i + batch_size])))
   return np.concatenate(out)
 
 
