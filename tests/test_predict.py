@@ -140,6 +140,13 @@ def test_cli_text_output_with_preset(tmp_path, capsys):
                        str(tmp_path / 'x.png')]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines == [str(tmp_path / 'x.png'), '    0.7500  yes  (1)', '    0.2500  no  (0)']
+  # --image_size: position embeddings resampled as for fine-tuning (8x8 -> 12x12 grid)
+  bundle = predict.load_bundle(str(tmp_path / 'm.npz'), 'testing', image_size=48)
+  assert bundle.image_size == (48, 48)
+  np.testing.assert_array_equal(
+      bundle.params['Transformer']['posembed_input']['pos_embedding'],
+      checkpoint.interpolate_posembed(params['Transformer']['posembed_input']['pos_embedding'],
+                                      1 + 12 * 12, has_class_token=True))
 
 
 def test_exported_npz_predicts_what_training_evaluated(tmp_path, capsys):

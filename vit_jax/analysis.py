@@ -405,7 +405,9 @@ def run_all(bundle: Any, paths: Sequence[str], out_dir: str,
     pass
 
   kernel = bundle.params.get('embedding', {}).get('kernel')
-  if kernel is not None:
+  # Fig. 7 (left) is about RGB patches; a hybrid's 1x1 embedding of ResNet
+  # features has no image-space picture.
+  if kernel is not None and np.shape(kernel)[2] == 3:
     pcs, ratio = embedding_filter_pcs(kernel, num_components)
     written['filters'] = plot_embedding_pcs(pcs, os.path.join(out_dir, 'embedding_filters_pca.png'),
                                             ratio)
