@@ -186,3 +186,28 @@ def test_evaluator_errors():
   assert fewshot.select_representation(flat, 'block_outputs/0') == 2
   with pytest.raises(fewshot.FewShotError, match="'head' was not sown by the model. Sown layers"):
     fewshot.select_representation(flat, 'head')
+
+
+def test_cli_json_equals_evaluator(tmp_path, capsys):
+  import json
+
+  import jax
+
+  from vit_jax import checkpoint, models, predict
+  model = models.get_model('testing', num_classes=10)
+  params = jax.jit(model.init)(jax.random.PRNGKey(2), np.zeros((1, 32, 32, 3), np.float32))['params']
+  checkpoint.save(params, str(tmp_path / 'm.npz'))
+  args = [f'--checkpoint={tmp_path}/m.npz', '--model=testing', '--dataset=digits', '--image_size=16',
+          '--shots=2,5', '--seeds=3', '--l2_regs=1,100', '--test_split=test[:100]']
+  assert fewshot.main([*args, '--json']) == 0
+  out = json.loads(capsys.readouterr().out)
+  bundle = predict.load_bundle(f'{tmp_path}/m.npz', 'testing', image_size=16)
+  ev = fewshot.FewShotEvaluator(
+      {'dataset': 'digits', 'image_size': 16, 'shots': (2, 5), 'seeds': (3,), 'l2_regs': (1.0, 100.0),
+       'test_split': 'test[:100]'}, bundle.model)
+  assert out['metrics'] == ev.run(bundle.params)
+  assert out['results']['5']['chosen_l2'][0] in (1.0, 100.0)
+  assert fewshot.main([*args]) == 0
+  text = capsys.readouterr().out
+  assert text.startswith('digits: few-shot accuracy of pre_logits')
+  assert f"{out['metrics']['fewshot/digits_5shot']:7.4f}" in text
