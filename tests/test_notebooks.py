@@ -139,6 +139,27 @@ def test_vit_jax_notebook(tmp_path, compilation_cache):
   assert 'Top-1 correct on 12 labelled demo images' in text
 
 
+def test_vit_jax_notebook_with_a_local_checkpoint_file(tmp_path, compilation_cache):
+  """The branch for official/local files: a checkpoint path, a preset, a label file, photos."""
+  from conftest import golden_dir
+  tiny = golden_dir() / 'tiny.npz'  # official layout, 'testing' shape, random weights
+  labels = tmp_path / 'labels.txt'
+  labels.write_text(''.join(f'class_{i}\n' for i in range(10)))
+  nb, _ = execute('vit_jax.ipynb', tmp_path, compilation_cache, WORKDIR=str(tmp_path / 'work'),
+                  CHECKPOINT=str(tiny), MODEL='testing', LABELS=str(labels))
+  s = summary(nb)
+  assert s['checkpoint'] == str(tiny) and s['tiny_accuracy_test'] is None
+  assert not (tmp_path / 'work' / 'tiny_digits').exists()  # nothing trained
+  # Without digits, the demo images are scikit-learn's two photos, resized to the model's 32x32.
+  assert s['num_images'] == 2 and s['demo_accuracy'] is None
+  assert sorted(p.name for p in (tmp_path / 'work' / 'images').iterdir()) == [
+      'china.png', 'flower.png']
+  assert all(name.startswith('class_') for name in s['top1'])
+  np.testing.assert_allclose(s['prob_sums'], 1.0, atol=1e-5)
+  assert s['rollout_shape'] == [2, 8, 8] and s['rollout_max'] == pytest.approx(1.0)
+  assert num_figures(nb) == 3
+
+
 def test_finetune_notebook(tmp_path, compilation_cache):
   work = tmp_path / 'work'
   nb, seconds = execute('finetune.ipynb', tmp_path, compilation_cache, WORKDIR=str(work))
