@@ -27,7 +27,9 @@ LOO prediction of example i is ``y_i - (y_i - yhat_i) / (1 - H_ii)``
 (Allen, 1974, "PRESS"). The penalty with the best LOO accuracy wins; ties are
 broken by the lower LOO squared error, then by the larger penalty. For k = 1
 the LOO accuracy is 0 for every penalty (the held-out example is the only one
-of its class), so there the squared error decides.
+of its class), so there the squared error decides. (The standardisation
+statistics are those of the whole k-shot set in the LOO fits too; that keeps
+LOO closed-form and is what tests/test_fewshot.py checks against refitting.)
 """
 
 from __future__ import annotations
