@@ -48,37 +48,42 @@ def test_time_calls_bad_repeats():
 
 @pytest.fixture(scope='module')
 def tiny():
-  return benchmark.build('testing', num_classes=10, resolution=16)
+  return benchmark.build('testing', num_classes=10, resolution=8)
 
 
-@pytest.mark.parametrize('train', [False, True])
-def test_benchmark_result(tiny, train):
+def test_benchmark_inference_figures(tiny):
   model, variables = tiny
-  r = benchmark.benchmark(model, variables, batch=4, resolution=16, train=train, repeats=2,
-                          num_classes=10, name='testing')
-  assert r.mode == ('train' if train else 'inference')
+  clock = _FakeClock([0.0, 0.1, 1.0, 1.3, 2.0, 2.2])
+  r = benchmark.benchmark(model, variables, batch=6, resolution=8, repeats=3, timer=clock,
+                          name='testing')
+  assert clock.calls == 6  # only the 3 timed calls read the clock
+  np.testing.assert_allclose(r.step_times, [0.1, 0.3, 0.2])
+  assert r.images_per_sec == pytest.approx(6 / 0.2)  # batch / median
+  assert r.mode == 'inference' and r.compile_s > 0
+  assert r.num_params == sum(x.size for x in jax.tree.leaves(variables['params']))
+  assert r.gflops_per_image is None or r.gflops_per_image > 0
+  assert '30.0 img/s' in r.summary()
+
+
+def test_benchmark_train_real_clock(tiny):
+  model, variables = tiny
+  before = jax.tree.map(np.asarray, variables['params'])
+  r = benchmark.benchmark(model, variables, batch=4, resolution=8, train=True, repeats=2,
+                          num_classes=10)
+  assert r.mode == 'train'
   assert len(r.step_times) == 2 and all(t > 0 for t in r.step_times)
   assert r.images_per_sec == pytest.approx(4 / statistics.median(r.step_times))
   assert r.compile_s > 0
-  # 'testing' preset: patch 4, width 64, mlp 128, 2 layers, 10-class head.
-  assert r.num_params == sum(x.size for x in jax.tree.leaves(variables['params']))
-  assert r.gflops_per_image is None or r.gflops_per_image > 0
-  assert 'img/s' in r.summary()
-
-
-def test_benchmark_uses_the_injected_timer(tiny):
-  model, variables = tiny
-  clock = _FakeClock([0.0, 0.1, 1.0, 1.3, 2.0, 2.2])
-  r = benchmark.benchmark(model, variables, batch=6, resolution=16, repeats=3, timer=clock)
-  np.testing.assert_allclose(r.step_times, [0.1, 0.3, 0.2])
-  assert r.images_per_sec == pytest.approx(6 / 0.2)
+  # The step donates a copy: the caller's params are intact and unchanged.
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(variables['params'])):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_train_step_equals_manual_sgd(tiny):
   """The timed step is a real SGD-momentum step: same params as optax by hand."""
   model, variables = tiny
   params = variables['params']
-  x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1, maxval=1)
+  x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3), minval=-1, maxval=1)
   y = jnp.array([0, 3, 7, 9])
   tx = optax.sgd(0.1, momentum=0.9)
   # The head is zero-initialised; perturb it so every gradient is non-trivial.
@@ -109,7 +114,7 @@ def test_distill_logits_loss_uses_both_heads():
                              rtol=1e-6)
 
 
-def test_config_merging_and_errors():
+def test_config_merging_and_errors(tiny):
   import ml_collections
   cfg = ml_collections.ConfigDict({'model_name': 'testing',
                                    'model': {'transformer': {'num_layers': 1}}})
@@ -122,5 +127,4 @@ def test_config_merging_and_errors():
   with pytest.raises(ValueError, match='dtype must be one of'):
     benchmark.build('testing', num_classes=2, resolution=8, dtype='float16')
   with pytest.raises(ValueError, match='batch and resolution must be positive'):
-    model, variables = benchmark.build('testing', num_classes=2, resolution=8)
-    benchmark.benchmark(model, variables, batch=0, resolution=8)
+    benchmark.benchmark(*tiny, batch=0, resolution=8)
