@@ -28,6 +28,8 @@ nbclient = pytest.importorskip('nbclient')
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / 'notebooks'
 CELL_TIMEOUT_S = 600
+ANALYSIS_FILES = ('attention_rollout.png', 'attention_distance.png', 'posemb_similarity.png',
+                  'embedding_filters_pca.png')
 
 
 @pytest.fixture(scope='module')
@@ -132,8 +134,12 @@ def test_vit_jax_notebook(tmp_path, compilation_cache):
   assert distances.shape == (2, 2) and s['distances_finite']
   # Mean attention distance lies between 0 and the largest patch distance (7*sqrt(2) patches).
   assert (distances >= 0).all() and (distances <= 4 * 7 * np.sqrt(2)).all()
-  # Three figures: predictions, rollout maps, attention distances.
-  assert num_figures(nb) == 3
+  # vit_jax.analysis.run_all (jitted attention) reproduces the eager rollout maps, and writes
+  # the four figures of the paper's Figs. 6/7 plus their numbers.
+  assert s['rollout_max_diff_jit_vs_eager'] < 1e-5
+  assert s['analysis_files'] == sorted(ANALYSIS_FILES)
+  # Figures: predictions, rollout maps, attention distances, then the four analysis PNGs.
+  assert num_figures(nb) == 3 + 4
   text = stream_text(nb)
   assert 'Checkpoints shipped in the repository:' in text
   assert 'Top-1 correct on 12 labelled demo images' in text
@@ -157,7 +163,9 @@ def test_vit_jax_notebook_with_a_local_checkpoint_file(tmp_path, compilation_cac
   assert all(name.startswith('class_') for name in s['top1'])
   np.testing.assert_allclose(s['prob_sums'], 1.0, atol=1e-5)
   assert s['rollout_shape'] == [2, 8, 8] and s['rollout_max'] == pytest.approx(1.0)
-  assert num_figures(nb) == 3
+  assert s['rollout_max_diff_jit_vs_eager'] < 1e-5
+  assert s['analysis_files'] == sorted(ANALYSIS_FILES)
+  assert num_figures(nb) == 3 + 4
 
 
 def test_finetune_notebook(tmp_path, compilation_cache):
