@@ -266,7 +266,8 @@ class VisionTransformer(nn.Module):
     if self.resnet is not None:
       from vit_jax.models import resnet  # pylint: disable=g-import-not-at-top
       x = resnet.backbone(x, num_layers=tuple(_get(self.resnet, 'num_layers')),
-                          width_factor=_get(self.resnet, 'width_factor', 1))
+                          width_factor=_get(self.resnet, 'width_factor', 1),
+                          dtype=self.dtype)
       self.sow('intermediates', 'backbone_features', x)
 
     ph, pw = tuple(_get(self.patches, 'size'))
