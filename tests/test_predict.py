@@ -152,15 +152,23 @@ def test_cli_text_output_with_preset(tmp_path, capsys):
 def test_exported_npz_predicts_what_training_evaluated(tmp_path, capsys):
   """Acceptance (issue 5): train briefly, export a step from orbax, predict the
   test folder through the workdir: same accuracy and loss as training's eval."""
+  import ml_collections
+
   from configs import quickstart
   from vit_jax import export, train
 
   data = _write_digit_folder(str(tmp_path / 'digits'))
-  c = quickstart.get_config()
+  c = quickstart.get_config()  # its schema and optimizer; the rest is pinned here
   c.dataset = f'folder:{data}'
-  c.model.hidden_size = 32
-  c.model.transformer.num_layers = 2
-  c.model.transformer.mlp_dim = 64
+  c.model_name = None
+  c.model = ml_collections.ConfigDict({
+      'model_name': 'vit-digits', 'patches': {'size': (4, 4)}, 'hidden_size': 32,
+      'transformer': {'mlp_dim': 64, 'num_heads': 2, 'num_layers': 2, 'dropout_rate': 0.0,
+                      'attention_dropout_rate': 0.0},
+      'classifier': 'token', 'representation_size': None, 'resnet': None})
+  c.image_size = 16
+  c.pp.train = 'resize'
+  c.pp.eval = 'resize'
   c.total_steps = 24
   c.batch_size = 32
   c.batch_size_eval = 32  # 60 test images: the last batch is padded
