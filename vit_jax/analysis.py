@@ -338,9 +338,11 @@ def plot_embedding_pcs(pcs: np.ndarray, path: str, ratio: np.ndarray | None = No
 # ---------------------------------------------------------------------------
 
 
-def model_attentions(model: Any, params: Any, images: np.ndarray,
-                     batch_size: int = 16) -> list[np.ndarray]:
-  """Per-layer attention weights (N, heads, T, T) of the model on ``images``."""
+def iter_attentions(model: Any, params: Any, images: np.ndarray, batch_size: int = 16):
+  """Yields, batch by batch, the per-layer attention weights [(b, heads, T, T), ...].
+
+  Batches keep memory bounded: ViT-B/16 attention for 128 images is ~3 GB.
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
@@ -350,11 +352,18 @@ def model_attentions(model: Any, params: Any, images: np.ndarray,
     _, inter = vit.get_intermediates(model, p, x, train=False)
     return vit.attention_weights(inter)
 
-  chunks = [fn(params, images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
-  if not chunks[0]:
-    raise AnalysisError('The model sowed no attention weights (is it a ViT?).')
-  return [np.concatenate([np.asarray(c[layer]) for c in chunks])
-          for layer in range(len(chunks[0]))]
+  for i in range(0, len(images), batch_size):
+    att = fn(params, images[i:i + batch_size])
+    if not att:
+      raise AnalysisError('The model sowed no attention weights (is it a ViT?).')
+    yield [np.asarray(a) for a in att]
+
+
+def model_attentions(model: Any, params: Any, images: np.ndarray,
+                     batch_size: int = 16) -> list[np.ndarray]:
+  """Per-layer attention weights (N, heads, T, T) of the model on ``images``."""
+  chunks = list(iter_attentions(model, params, images, batch_size))
+  return [np.concatenate([c[layer] for c in chunks]) for layer in range(len(chunks[0]))]
 
 
 def position_embeddings(params: Any, model_config: Any, grid: tuple[int, int]) -> np.ndarray:
@@ -370,32 +379,38 @@ def position_embeddings(params: Any, model_config: Any, grid: tuple[int, int]) -
 
 
 def run_all(bundle: Any, paths: Sequence[str], out_dir: str,
-            num_components: int = 28) -> dict[str, str]:
-  """Writes the four figures (and analysis.npz with their numbers) to ``out_dir``."""
+            num_components: int = 28, max_rollout_images: int = 8) -> dict[str, str]:
+  """Writes the four figures (and analysis.npz with their numbers) to ``out_dir``.
+
+  Attention distances average over all images (the paper used 128); the
+  rollout figure shows the first ``max_rollout_images``.
+  """
   from vit_jax import predict  # pylint: disable=g-import-not-at-top
 
   os.makedirs(out_dir, exist_ok=True)
   images, raw = predict.load_images(paths, bundle)
   prefix = predict.num_prefix_tokens(bundle.model_config)
-  attentions = model_attentions(bundle.model, bundle.params, images)
-  grid, _ = infer_grid(attentions[0].shape[-1], prefix)
   h, w = bundle.image_size
-  px = (h / grid[0], w / grid[1])
-  written, numbers = {}, {}
+  maps, dist_sum, grid = [], 0.0, None
+  for att in iter_attentions(bundle.model, bundle.params, images):
+    if grid is None:
+      grid, _ = infer_grid(att[0].shape[-1], prefix)
+      px = (h / grid[0], w / grid[1])
+    maps.append(rollout_map(attention_rollout(att), grid, prefix))
+    dist_sum = dist_sum + attention_distances(att, grid, px, prefix) * len(att[0])
+  maps = np.concatenate(maps)
+  dist = dist_sum / len(images)
+  written, numbers = {}, {'rollout_maps': maps, 'attention_distance': dist}
 
-  roll = attention_rollout(attentions)
-  maps = rollout_map(roll, grid, prefix)
-  probs = predict.predict_probs(bundle, images)
+  k = min(max_rollout_images, len(images))
+  probs = predict.predict_probs(bundle, images[:k])
   top = predict.top_k(probs, 1, bundle.labels)
   titles = [f'{os.path.basename(p)}: {t[0]["name"]} ({t[0]["prob"]:.2f})' for p, t in zip(paths, top)]
-  written['rollout'] = plot_rollout(raw, maps, os.path.join(out_dir, 'attention_rollout.png'), titles)
-  numbers['rollout_maps'] = maps
-
-  dist = attention_distances(attentions, grid, px, prefix)
+  written['rollout'] = plot_rollout(raw[:k], maps[:k],
+                                    os.path.join(out_dir, 'attention_rollout.png'), titles)
   written['distance'] = plot_attention_distance(
       dist, os.path.join(out_dir, 'attention_distance.png'), image_size=w,
-      title=f'{len(images)} image(s), image width {w} px')
-  numbers['attention_distance'] = dist
+      title=f'mean over {len(images)} image(s); image width {w} px')
 
   try:
     sim = posemb_similarity(position_embeddings(bundle.params, bundle.model_config, grid), grid)
@@ -434,12 +449,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--image_size', type=int)
   parser.add_argument('--out_dir', default='analysis')
   parser.add_argument('--num_components', type=int, default=28)
+  parser.add_argument('--max_rollout_images', type=int, default=8,
+                      help='images shown in the rollout figure (distances use all)')
   args = parser.parse_args(argv)
   try:
     bundle = predict.load_bundle(args.checkpoint, args.model, args.workdir, args.labels,
                                  args.image_size)
     written = run_all(bundle, predict.collect_images(args.images), args.out_dir,
-                      args.num_components)
+                      args.num_components, args.max_rollout_images)
   except (predict.PredictError, AnalysisError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
