@@ -150,7 +150,8 @@ def default_out(workdir: str) -> str:
   try:
     with open(os.path.join(workdir, 'config.json')) as f:
       config = json.load(f)
-    name = config.get('model_name') or (config.get('model') or {}).get('model_name') or name
+    # As in training: config.model.model_name overrides the preset's name.
+    name = (config.get('model') or {}).get('model_name') or config.get('model_name') or name
   except (OSError, ValueError):
     pass
   return os.path.join(workdir, f'{name}.npz')

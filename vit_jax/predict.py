@@ -92,8 +92,11 @@ def _get(d: Any, key: str, default: Any = None) -> Any:
 
 
 def workdir_checkpoint(workdir: str, config: dict[str, Any]) -> str:
-  """``workdir/<model_name>.npz`` (the final export), or the only .npz there."""
-  name = _get(config, 'model_name') or _get(_get(config, 'model'), 'model_name')
+  """``workdir/<model_name>.npz`` (the final export), or the only .npz there.
+
+  As in training, ``config.model.model_name`` overrides the preset's name.
+  """
+  name = _get(_get(config, 'model'), 'model_name') or _get(config, 'model_name')
   if name and os.path.isfile(os.path.join(workdir, f'{name}.npz')):
     return os.path.join(workdir, f'{name}.npz')
   found = sorted(f for f in os.listdir(workdir) if f.endswith('.npz'))
