@@ -180,3 +180,22 @@ def test_feature_map_and_token_grid(name, res, grid, features):
   shapes = _shapes(name, res=res)
   assert shapes['embedding']['kernel'].shape[2] == features
   assert shapes['Transformer']['posembed_input']['pos_embedding'].shape[1] == grid * grid + 1
+
+
+def test_hybrid_load_pretrained_at_a_new_resolution():
+  # Fine-tuning the hybrid: GroupNorm arrays load as (C,), the 4x4 grid of the
+  # 64px checkpoint is resampled to 6x6 at 96px, the head starts at zero.
+  d = golden_dir()
+  cfg = json.loads((d / 'tiny_hybrid.json').read_text())['vit_jax_config']
+  model = vit.VisionTransformer(**cfg)
+  init = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 96, 96, 3)))['params']
+  init = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
+  params = checkpoint.load_pretrained(d / 'tiny_hybrid.npz', init, cfg)
+  orig = np.load(d / 'tiny_hybrid.npz')
+  np.testing.assert_array_equal(params['block2']['unit1']['gn_proj']['scale'],
+                                orig['block2/unit1/gn_proj/scale'].reshape(-1))
+  np.testing.assert_array_equal(params['conv_root']['kernel'], orig['conv_root/kernel'])
+  pe = params['Transformer']['posembed_input']['pos_embedding']
+  assert pe.shape == (1, 37, 64)
+  np.testing.assert_array_equal(pe[:, 0], orig['Transformer/posembed_input/pos_embedding'][:, 0])
+  assert not np.any(params['head']['kernel'])
