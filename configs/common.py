@@ -32,7 +32,8 @@ stops training with the key's name):
   label_smoothing
   log_every, eval_every, checkpoint_every, keep_checkpoints
   mesh              data (-1 = all devices), fsdp (>1 shards params and
-                    optimizer state), rules [(regex, 'fsdp'|'replicate')]
+                    optimizer state), min_size (smaller arrays stay
+                    replicated), rules [(regex, 'fsdp'|'replicate')]
   evals.fewshot     optional few-shot linear evaluation (vit_jax.fewshot)
   distill           optional DeiT hard-label distillation: teacher_model,
                     teacher_checkpoint
@@ -123,7 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 100
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1})
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'min_size': 2 ** 12})
   return c
 
 

@@ -11,8 +11,9 @@ The workdir then holds the exported `vit-digits.npz` (official layout),
 labels.txt, config.json, orbax checkpoints and TensorBoard events.
 
 Recipe: the RPT report's training-from-scratch setup (section 4.2: AdamW,
-lr 1e-3, weight decay 1e-4, cosine decay, 10% warmup), on a 16x16 upsampled
-digit cut into 2x2 patches (64 tokens) for a 4-layer, width-64 ViT.
+lr 1e-3, weight decay 1e-4, cosine decay, 10% warmup), on the native 8x8
+digits cut into 2x2 patches (16 tokens) for a 4-layer, width-64 ViT with
+dropout 0.1 and label smoothing 0.1 (without them: ~0.947, overfitting).
 """
 
 import ml_collections
@@ -32,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'patches': {'size': (2, 2)},
       'hidden_size': 64,
       'transformer': {'mlp_dim': 128, 'num_heads': 4, 'num_layers': 4,
-                       'dropout_rate': 0.0, 'attention_dropout_rate': 0.0},
+                       'dropout_rate': 0.1, 'attention_dropout_rate': 0.0},
       'classifier': 'token',
       'representation_size': None,
       'resnet': None,
@@ -42,13 +43,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train_split = 'train'
   c.test_split = 'test'
   c.num_classes = 10
-  c.image_size = 16
+  c.image_size = 8
   # No flips or big crops: a mirrored or cropped digit is another digit.
   c.pp.train = 'resize'
   c.pp.eval = 'resize'
   c.batch_size = 64
   c.batch_size_eval = 128
   c.accum_steps = 1
+  c.label_smoothing = 0.1
   c.total_steps = 1000
   c.lr.base = 1e-3
   c.lr.warmup_steps = c.get_ref('total_steps') // 10  # 10% (RPT, 4.2)

@@ -45,7 +45,7 @@ def test_warmup_fraction_from_config():
 
 def test_schedule_errors():
   with pytest.raises(ValueError, match='warmup_steps'):
-    optim.make_schedule(0.1, 10, 10)
+    optim.make_schedule(0.1, 10, 11)
   with pytest.raises(ValueError, match='decay_type'):
     optim.make_schedule(0.1, 10, 1, decay_type='step')
 

@@ -46,8 +46,8 @@ def make_schedule(base: float, total_steps: int, warmup_steps: int = 0,
   """
   if total_steps <= 0:
     raise ValueError(f'total_steps must be > 0, got {total_steps}.')
-  if not 0 <= warmup_steps < total_steps:
-    raise ValueError(f'warmup_steps must be in [0, total_steps={total_steps}), '
+  if not 0 <= warmup_steps <= total_steps:
+    raise ValueError(f'warmup_steps must be in [0, total_steps={total_steps}], '
                      f'got {warmup_steps}.')
   if decay_type not in ('cosine', 'linear', 'constant'):
     raise ValueError(f"decay_type must be 'cosine', 'linear' or 'constant', got "
@@ -56,7 +56,8 @@ def make_schedule(base: float, total_steps: int, warmup_steps: int = 0,
   def schedule(count):
     k = jnp.asarray(count, jnp.float32) + 1.0
     warm = base * k / max(warmup_steps, 1)
-    p = jnp.clip((k - warmup_steps) / (total_steps - warmup_steps), 0.0, 1.0)
+    p = jnp.clip((k - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0,
+                 1.0)
     if decay_type == 'cosine':
       decay = base * 0.5 * (1.0 + jnp.cos(jnp.pi * p))
     elif decay_type == 'linear':

@@ -388,6 +388,31 @@ def quiet_orbax_logs() -> None:
     absl_logger.addFilter(_DropOrbaxChatter())
 
 
+class MetricLog:
+  """clu writer (TensorBoard + log) plus `metrics.jsonl` for quick plots.
+
+  After a resume the steps between the last checkpoint and the crash appear
+  twice in metrics.jsonl; the later line is the one that counts.
+  """
+
+  def __init__(self, writer, jsonl_path: str | None):
+    self._writer = writer
+    self._path = jsonl_path
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    self._writer.write_scalars(step, scalars)
+    if self._path:
+      with open(self._path, 'a') as f:
+        f.write(json.dumps({'step': int(step),
+                            **{k: float(v) for k, v in scalars.items()}}) + '\n')
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -416,8 +441,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   log_every = config.get('log_every', 10) or 10
   eval_every = config.get('eval_every') or 0
   ckpt_every = config.get('checkpoint_every') or 0
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=not is_main, asynchronous=False)
+  writer = MetricLog(
+      metric_writers.create_default_writer(
+          workdir, just_logging=not is_main, asynchronous=False),
+      os.path.join(workdir, 'metrics.jsonl') if is_main else None)
 
   # ========================= Mesh =========================
   mesh = sharding.make_mesh(config.get('mesh'))
@@ -461,12 +488,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   abstract = jax.eval_shape(init_state, init_rng)
   rules = sharding.rules_from_config(config.get('mesh'))
-  state_sh = sharding.state_shardings(abstract, mesh, rules)
+  state_sh = sharding.state_shardings(
+      abstract, mesh, rules, (config.get('mesh') or {}).get('min_size', 2 ** 12))
 
   ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
       max_to_keep=config.get('keep_checkpoints', 3) or None,
-      enable_async_checkpointing=False, create=True))
+      enable_async_checkpointing=False, create=True,
+      cleanup_tmp_directories=True))  # Leftovers of a run killed mid-save.
   latest = manager.latest_step()
   if latest is not None:
     target = jax.tree.map(
@@ -542,8 +571,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             f'Training diverged: non-finite metrics at step {s}: '
             f'{ {k: float(v) for k, v in m.items()} }. Lower config.lr.base '
             f'(now {config.lr.base}), set config.optim.grad_clip_norm (e.g. '
-            f'1.0) or check the data. The last good checkpoint is step '
-            f'{last_saved} in {ckpt_dir}; a relaunch resumes from it.')
+            f'1.0) or check the data. '
+            + (f'The last good checkpoint is step {last_saved} in {ckpt_dir}; '
+               'a relaunch resumes from it.' if last_saved is not None else
+               'No checkpoint was saved before.'))
     return {k: float(np.mean([m[k] for _, m in fetched]))
             for k in fetched[0][1]} if fetched else {}
 

@@ -1,0 +1,406 @@
+"""The training loop: equivalences (devices, processes, accumulation, resume)
+and clear errors. Runs a 1-layer ViT on the embedded digits in seconds.
+
+The subprocess tests launch `python -m vit_jax.main` exactly as a user would
+and compare its `metrics.jsonl` / exported `.npz` with an in-process run.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from conftest import golden_dir
+
+from vit_jax import checkpoint as ckpt_lib
+from vit_jax import models, optim, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+TINY = 'tests/_tiny_config.py'
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+           TF_ENABLE_ONEDNN_OPTS='0', PYTHONUNBUFFERED='1')
+ENV.pop('XLA_FLAGS', None)
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location('_tiny_config', REPO / TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def main_cmd(workdir, *overrides):
+  return [sys.executable, '-m', 'vit_jax.main', f'--config={TINY}',
+          f'--workdir={workdir}', *overrides]
+
+
+def run_main(workdir, *overrides, env=None, timeout=240):
+  out = subprocess.run(main_cmd(workdir, *overrides), cwd=REPO,
+                       env=env or ENV, capture_output=True, text=True,
+                       timeout=timeout, check=False)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return out
+
+
+def train_losses(workdir) -> list[float]:
+  """train_loss per step from metrics.jsonl (the last line of a step wins)."""
+  losses = {}
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    for line in f:
+      rec = json.loads(line)
+      if 'train_loss' in rec:
+        losses[rec['step']] = rec['train_loss']
+  return [losses[k] for k in sorted(losses)]
+
+
+def assert_params_close(a, b, rtol):
+  fa, fb = ckpt_lib.flatten(a), ckpt_lib.flatten(b)
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    np.testing.assert_allclose(fa[k], fb[k], rtol=rtol, atol=rtol, err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """One uninterrupted single-device, single-process run of the tiny config."""
+  workdir = tmp_path_factory.mktemp('reference')
+  result = train.run(tiny_config(), str(workdir))
+  return workdir, result
+
+
+# ---------------------------------------------------------------------------
+# The reference run itself.
+# ---------------------------------------------------------------------------
+
+def test_reference_run_outputs(reference):
+  workdir, result = reference
+  # Every test example is scored (359 = digits test split), none dropped.
+  assert result.metrics['num_test_examples'] == 359
+  assert len(result.history) == 6
+  # Logged lr is the lr the step used, nonzero at step 1 (base 0.1, warmup 2).
+  assert result.history[0]['lr'] == pytest.approx(0.05)
+  assert result.history[1]['lr'] == pytest.approx(0.1)
+  # Exported .npz == final params, official layout, loadable.
+  exported = ckpt_lib.load(str(workdir / 'tiny-test.npz'))
+  assert_params_close(exported, result.params, rtol=0)
+  assert exported['head']['kernel'].shape == (32, 10)
+  assert (workdir / 'labels.txt').read_text().split() == [str(i) for i in range(10)]
+  cfg = json.loads((workdir / 'config.json').read_text())
+  assert cfg['model']['model_name'] == 'tiny-test' and cfg['total_steps'] == 6
+  # checkpoint_every=2, keep 2 -> steps 4 and 6 remain.
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  assert steps == [4, 6]
+  final = json.loads((workdir / 'final_metrics.json').read_text())
+  assert final['accuracy_test'] == pytest.approx(result.metrics['accuracy_test'])
+
+
+# ---------------------------------------------------------------------------
+# Equivalences.
+# ---------------------------------------------------------------------------
+
+def test_eight_devices_data_and_fsdp_match_one_device(reference, tmp_path):
+  _, ref = reference
+  want = [h['train_loss'] for h in ref.history]
+  env = dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  for name, mesh in [('data', ('8', '1')), ('fsdp', ('2', '4'))]:
+    workdir = tmp_path / name
+    run_main(workdir, f'--config.mesh.data={mesh[0]}',
+             f'--config.mesh.fsdp={mesh[1]}', env=env)
+    got = train_losses(workdir)
+    np.testing.assert_allclose(got, want, rtol=1e-5, err_msg=name)
+    assert_params_close(ckpt_lib.load(str(workdir / 'tiny-test.npz')),
+                        ref.params, rtol=1e-5)
+    final = json.loads((workdir / 'final_metrics.json').read_text())
+    assert final['accuracy_test'] == pytest.approx(
+        ref.metrics['accuracy_test'], abs=1 / 359)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(reference, tmp_path):
+  _, ref = reference
+  port = _free_port()
+  workdir = tmp_path / 'two'
+  procs = [subprocess.Popen(
+      main_cmd(workdir, f'--coordinator_address=localhost:{port}',
+               '--num_processes=2', f'--process_id={i}',
+               '--cpu_collectives=gloo'),
+      cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  assert 'process 0 of 2' in outs[0][1] and 'process 1 of 2' in outs[1][1]
+  np.testing.assert_allclose(train_losses(workdir),
+                             [h['train_loss'] for h in ref.history], rtol=1e-5)
+  assert_params_close(ckpt_lib.load(str(workdir / 'tiny-test.npz')),
+                      ref.params, rtol=1e-5)
+
+
+def test_sigkill_and_relaunch_gives_identical_params(reference, tmp_path):
+  _, ref = reference
+  workdir = tmp_path / 'killed'
+  # Longer than the reference so the kill lands mid-run; compare with a
+  # reference of the same length run in-process below.
+  total, kill_at = 14, random.Random().randint(3, 11)
+  proc = subprocess.Popen(main_cmd(workdir, f'--config.total_steps={total}'),
+                          cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  killed_at = None
+  for line in proc.stderr:
+    m = re.search(rf'step (\d+)/{total}', line)
+    if m and int(m.group(1)) >= kill_at:
+      proc.send_signal(signal.SIGKILL)
+      killed_at = int(m.group(1))
+      break
+  proc.wait(timeout=60)
+  assert killed_at is not None and proc.returncode == -signal.SIGKILL
+  assert not (workdir / 'tiny-test.npz').exists()
+  out = run_main(workdir, f'--config.total_steps={total}')
+  assert re.search(r'Resumed from .* at step \d+', out.stderr)
+
+  config = tiny_config()
+  config.total_steps = total
+  uninterrupted = train.run(config, str(tmp_path / 'uninterrupted'))
+  resumed = ckpt_lib.load(str(workdir / 'tiny-test.npz'))
+  for k, v in ckpt_lib.flatten(uninterrupted.params).items():
+    np.testing.assert_array_equal(ckpt_lib.flatten(resumed)[k], v, err_msg=k)
+  # The first 6 steps also equal the 6-step reference's trajectory... up to
+  # the schedule, which depends on total_steps: only step 1 is comparable.
+  assert train_losses(workdir)[0] == pytest.approx(ref.history[0]['train_loss'])
+
+
+def _tiny_model(classifier='token', dropout=0.0):
+  return models.get_model({
+      'model_name': 'm', 'patches': {'size': (2, 2)}, 'hidden_size': 32,
+      'transformer': {'mlp_dim': 64, 'num_heads': 2, 'num_layers': 1,
+                      'dropout_rate': dropout, 'attention_dropout_rate': 0.0},
+      'classifier': classifier, 'representation_size': None, 'resnet': None},
+      num_classes=10)
+
+
+def _random_batch(n=32, size=8, seed=0):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  return {'image': jax.random.uniform(k1, (n, size, size, 3), minval=-1.),
+          'label': jax.random.randint(k2, (n,), 0, 10)}
+
+
+def _random_params(model, seed=1):
+  params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 8, 8, 3)))['params']
+  # Non-zero heads, so every loss term depends on the inputs.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                   for x, k in zip(leaves, keys)])
+
+
+def test_accum_steps_4_equals_one_full_batch():
+  model = _tiny_model()
+  config = ml_collections.ConfigDict({'accum_steps': 1})
+  schedule = optim.make_schedule(0.1, 10, 2)
+  tx = optim.make_optimizer(ml_collections.ConfigDict(
+      {'name': 'sgd', 'momentum': 0.9, 'grad_clip_norm': 1.0}), schedule)
+  params = _random_params(model)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params,
+           'opt_state': tx.init(params)}
+  batch = _random_batch(32)
+  outs = {}
+  for accum in (1, 4):
+    config.accum_steps = accum
+    step = jax.jit(train.make_train_step(model, tx, schedule, config))
+    outs[accum] = step(state, batch, jax.random.PRNGKey(0))
+  (s1, m1), (s4, m4) = outs[1], outs[4]
+  assert float(m4['train_loss']) == pytest.approx(float(m1['train_loss']), rel=1e-6)
+  for a, b in zip(jax.tree.leaves(s1['params']), jax.tree.leaves(s4['params'])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_batchnorm_stats_threaded_through_micro_batches():
+  model = models.get_model({'model_type': 'resnet_cifar', 'blocks_per_stage': 1},
+                           num_classes=10)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  tx = optax.sgd(0.0)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
+           'opt_state': tx.init(variables['params']),
+           'batch_stats': variables['batch_stats']}
+  batch = _random_batch(16)
+  config = ml_collections.ConfigDict({'accum_steps': 2})
+  new, _ = jax.jit(train.make_train_step(model, tx, lambda c: 0.0, config))(
+      state, batch, jax.random.PRNGKey(0))
+  # Second path: apply the two micro-batches (examples 0,2,4.. then 1,3,5..)
+  # one after the other with mutable batch_stats.
+  bs = variables['batch_stats']
+  for i in range(2):
+    _, upd = model.apply({'params': variables['params'], 'batch_stats': bs},
+                         batch['image'][i::2], train=True,
+                         mutable=['batch_stats'])
+    bs = upd['batch_stats']
+  for a, b in zip(jax.tree.leaves(new['batch_stats']), jax.tree.leaves(bs)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  changed = [not np.allclose(a, b) for a, b in zip(
+      jax.tree.leaves(new['batch_stats']), jax.tree.leaves(variables['batch_stats']))]
+  assert any(changed)
+
+
+def test_deit_hard_label_distillation_loss():
+  student, teacher = _tiny_model('distill'), _tiny_model('token')
+  s_params, t_params = _random_params(student, 3), _random_params(teacher, 5)
+  tx = optax.sgd(0.0)
+  state = {'step': jnp.zeros((), jnp.int32), 'params': s_params,
+           'opt_state': tx.init(s_params)}
+  batch = _random_batch(16)
+  config = ml_collections.ConfigDict({'accum_steps': 1})
+  step = jax.jit(train.make_train_step(student, tx, lambda c: 0.0, config,
+                                       teacher))
+  _, metrics = step(state, batch, jax.random.PRNGKey(0), {'params': t_params})
+  logits = student.apply({'params': s_params}, batch['image'], train=True)
+  t_label = jnp.argmax(teacher.apply({'params': t_params}, batch['image']), -1)
+  assert len(set(np.asarray(t_label).tolist())) > 1  # a non-trivial teacher
+  want = 0.5 * optim.cross_entropy(logits[:, 0], batch['label']).mean() + \
+      0.5 * optim.cross_entropy(logits[:, 1], t_label).mean()
+  assert float(metrics['train_loss']) == pytest.approx(float(want), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Fine-tuning from an ImageNet-21k-layout checkpoint at a new resolution.
+# ---------------------------------------------------------------------------
+
+def test_finetune_from_in21k_checkpoint_at_new_resolution(tmp_path):
+  golden = golden_dir()
+  arch = json.loads((golden / 'tiny_in21k.json').read_text())
+  model_cfg = arch['vit_jax_config']
+  original = ckpt_lib.load(str(golden / 'tiny_in21k.npz'))
+  config = tiny_config()
+  config.model = ml_collections.ConfigDict({
+      'model_name': 'tiny-in21k-ft', 'patches': model_cfg['patches'],
+      'hidden_size': model_cfg['hidden_size'],
+      'transformer': model_cfg['transformer'], 'classifier': 'token',
+      'representation_size': None, 'resnet': None})
+  config.pretrained_path = str(golden / 'tiny_in21k.npz')
+  config.image_size = 48          # 12x12 grid instead of the checkpoint's 8x8.
+  config.total_steps = 2
+  config.lr.base = 0.0            # Keep the loaded weights: compare exactly.
+  result = train.run(config, str(tmp_path))
+  p = ckpt_lib.flatten(result.params)
+  # Head replaced by a zero-initialised 10-class one, pre_logits dropped
+  # (paper App. B.1.1): the first loss is exactly ln(10).
+  assert p['head/kernel'].shape == (64, 10) and not p['head/kernel'].any()
+  assert not any(k.startswith('pre_logits') for k in p)
+  assert result.history[0]['train_loss'] == pytest.approx(math.log(10), rel=1e-6)
+  # Position embeddings resampled 8x8 -> 12x12, class token kept.
+  key = 'Transformer/posembed_input/pos_embedding'
+  want = ckpt_lib.interpolate_posembed(ckpt_lib.flatten(original)[key], 145, True)
+  np.testing.assert_allclose(p[key], want, rtol=1e-6)
+  assert p[key].shape == (1, 145, 64)
+  # Everything else is the checkpoint's.
+  for k, v in ckpt_lib.flatten(original).items():
+    if not k.startswith(('head/', 'pre_logits/')) and k != key:
+      np.testing.assert_array_equal(p[k], v, err_msg=k)
+
+
+# ---------------------------------------------------------------------------
+# Clear errors.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize('key,value,message', [
+    ('batch_size', '512', "config.batch_size must be int, got str '512'"),
+    ('total_steps', 10.5, 'config.total_steps must be int, got float 10.5'),
+    ('lr.base', 'fast', 'config.lr.base must be int or float'),
+    ('optim.grad_clip_norm', 'yes', 'config.optim.grad_clip_norm must be'),
+    ('batch_size', True, 'config.batch_size must be int, got bool'),
+])
+def test_config_value_of_wrong_type(key, value, message):
+  # ConfigDict refuses type changes of existing fields, but a config file
+  # that builds its dict afresh can hold anything: validate catches it.
+  *parents, leaf = key.split('.')
+  raw = tiny_config().to_dict()
+  node = raw
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(train.ConfigError, match=re.escape(message)):
+    train.validate_config(ml_collections.ConfigDict(raw))
+
+
+def test_batch_not_divisible_by_accum_steps():
+  config = tiny_config()
+  config.accum_steps = 5
+  with pytest.raises(train.ConfigError, match='multiple of config.accum_steps=5'):
+    train.validate_config(config)
+
+
+def test_missing_checkpoint_says_where_to_get_it(tmp_path):
+  config = tiny_config()
+  config.pretrained_path = str(tmp_path / 'ViT-B_16.npz')
+  start = time.time()
+  with pytest.raises(ckpt_lib.CheckpointError) as e:
+    train.run(config, str(tmp_path / 'w'))
+  assert time.time() - start < 10
+  assert 'not found' in str(e.value)
+  assert 'gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz' in str(e.value)
+  assert not (tmp_path / 'w' / 'checkpoints').exists()  # never random init
+
+
+def test_unreachable_gcs_fails_fast(monkeypatch):
+  def hang(*args, **kwargs):
+    time.sleep(30)
+  monkeypatch.setattr(socket, 'create_connection', hang)
+  start = time.time()
+  with pytest.raises(ckpt_lib.CheckpointError, match='storage.googleapis.com is not reachable'):
+    train.check_remote_reachable('gs://vit_models/imagenet21k/ViT-B_16.npz',
+                                 timeout=0.5)
+  assert time.time() - start < 5
+
+  def refuse(*args, **kwargs):
+    raise OSError('Name or service not known')
+  monkeypatch.setattr(socket, 'create_connection', refuse)
+  with pytest.raises(ckpt_lib.CheckpointError, match='gsutil cp'):
+    train.check_remote_reachable('gs://vit_models/imagenet21k/ViT-B_16.npz')
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+  config = tiny_config()
+  config.pretrained_path = str(golden_dir() / 'tiny.npz')  # width 64, 2 layers
+  with pytest.raises(ckpt_lib.CheckpointError, match='another architecture'):
+    train.run(config, str(tmp_path))
+
+
+def test_unknown_dataset(tmp_path):
+  config = tiny_config()
+  config.dataset = 'no_such_dataset_xyz'
+  with pytest.raises(ValueError, match="Unknown dataset 'no_such_dataset_xyz'"):
+    train.run(config, str(tmp_path))
+
+
+def test_nan_guard_stops_with_clear_message(tmp_path):
+  config = tiny_config()
+  config.lr.base = float('nan')
+  config.log_every = 2
+  # Step 1's loss is finite (computed before the update), but its lr is not;
+  # the guard looks at every step, not only the logged ones.
+  with pytest.raises(FloatingPointError, match=r'Training diverged: non-finite '
+                     r'metrics at step 1.*Lower config.lr.base.*No checkpoint'):
+    train.run(config, str(tmp_path))
+  # Nothing diverged was checkpointed (checkpoint_every=2).
+  assert not any(p.name.isdigit() for p in (tmp_path / 'checkpoints').iterdir())
