@@ -212,3 +212,16 @@ def test_scratch_config_errors():
     scratch.get_config('vit_xl,cifar10')
   assert scratch.expected_accuracy('rot_vit', 'cifar100') == 54.75
   assert scratch.expected_accuracy('deit_ti', 'cifar10') is None
+
+
+def test_finetune_hybrid_rpt_config():
+  from configs import finetune_hybrid_rpt as ft
+  for dataset, n in ft.NUM_TRAIN.items():
+    c = ft.get_config(dataset)
+    assert c.model_name == 'R50+ViT-B_16'
+    assert c.pretrained_path.endswith('/R50+ViT-B_16.npz')
+    assert (c.optim.name, c.batch_size, c.image_size) == ('sgd', 512, 384)
+    assert c.total_steps == math.ceil(100 * n / 512)   # "fine-tuned for 100 epochs"
+  assert ft.get_config('tiny_imagenet').test_split == 'val'
+  with pytest.raises(ValueError, match='needs a dataset, one of tf_flowers'):
+    ft.get_config('mnist')
