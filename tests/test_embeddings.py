@@ -89,6 +89,21 @@ def test_half_patch_shift_moves_one_hot_pixel_diagonally(patch):
     np.testing.assert_array_equal(copy, want)
 
 
+def test_non_square_patches_shift_half_a_patch_per_axis():
+  x = np.zeros((1, 8, 12, 1), np.float32)
+  x[0, 4, 6, 0] = 1
+  tok = E.PatchTokenizer('spt', (4, 6), 8)
+  for (sy, sx), copy in zip(E.DIAGONALS, E.diagonal_shifts(x, (2, 3))):
+    assert np.asarray(copy)[0, 4 + 2 * sy, 6 + 3 * sx, 0] == 1
+  params = tok.init(jax.random.PRNGKey(0), x)['params']
+  stacked = np.concatenate([x] + [np.asarray(v) for v in E.diagonal_shifts(x, (2, 3))], -1)
+  p = E.patchify(stacked, (4, 6)).astype(np.float64)
+  p = (p - p.mean(-1, keepdims=True)) / np.sqrt(p.var(-1, keepdims=True) + 1e-6)
+  p = p * params['norm']['scale'] + params['norm']['bias']
+  want = p @ params['proj']['kernel'] + params['proj']['bias']
+  np.testing.assert_allclose(tok.apply({'params': params}, x), want, atol=1e-4, rtol=0)
+
+
 def test_shift_drops_pixels_pushed_out_and_fills_zeros():
   x = np.ones((1, 4, 4, 1), np.float32)
   y = np.asarray(E.shift(x, 1, -2))[0, :, :, 0]

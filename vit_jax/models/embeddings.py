@@ -64,9 +64,13 @@ def shift(x: jax.Array, dy: int, dx: int) -> jax.Array:
   return padded[:, top:top + h, left:left + w, :]
 
 
-def diagonal_shifts(x: jax.Array, amount: int) -> list[jax.Array]:
-  """The four copies shifted by ``amount`` pixels along each diagonal (Lee et al. §3.1)."""
-  return [shift(x, sy * amount, sx * amount) for sy, sx in DIAGONALS]
+def diagonal_shifts(x: jax.Array, amount: int | tuple[int, int]) -> list[jax.Array]:
+  """The four copies shifted by ``amount`` pixels along each diagonal (Lee et al. §3.1).
+
+  ``amount`` is one int, or (rows, cols) for non-square patches.
+  """
+  ay, ax = (amount, amount) if isinstance(amount, int) else amount
+  return [shift(x, sy * ay, sx * ax) for sy, sx in DIAGONALS]
 
 
 def rotate(x: jax.Array, angle: jax.Array | float) -> jax.Array:
@@ -111,7 +115,8 @@ def _bilinear(x: jax.Array, y: jax.Array, xs: jax.Array) -> jax.Array:
 
 
 def rpt_copies(x: jax.Array, angles_cw: jax.Array | float,
-               angles_acw: jax.Array | float, shift_amount: int) -> list[jax.Array]:
+               angles_acw: jax.Array | float,
+               shift_amount: int | tuple[int, int]) -> list[jax.Array]:
   """The N_R = 6 transformed copies R^1..R^6 of RPT (report eq. 4), input excluded.
 
   Order: four diagonal half-patch shifts, then the clockwise and the
@@ -142,7 +147,7 @@ class PatchTokenizer(nn.Module):
     kind: 'spt' (four diagonal shifts) or 'rpt' (shifts + two rotations).
     patch_size: (ph, pw).
     hidden_size: output width d.
-    shift: shift in pixels; None = half a patch (floor of ph/2), as both papers.
+    shift: shift in pixels; None = half a patch per axis (ph // 2, pw // 2), as both papers.
     angle_range: (low, high) of the training angle distribution, radians.
     eval_angle: the fixed angle used when not training, radians.
   """
@@ -159,7 +164,10 @@ class PatchTokenizer(nn.Module):
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
     if self.kind not in TOKENIZERS:
       raise ValueError(f'tokenizer type must be one of {TOKENIZERS}, got {self.kind!r}')
-    amount = self.patch_size[0] // 2 if self.shift is None else int(self.shift)
+    if self.shift is None:  # half a patch along each axis (both papers)
+      amount = (self.patch_size[0] // 2, self.patch_size[1] // 2)
+    else:
+      amount = int(self.shift)
     copies = self.transformed_copies(x, amount, train)
     # RPT eq. (4): [X R^1 ... R^{N_R}] along channels, patchify, LN, W_R.
     x = jnp.concatenate([x] + copies, axis=-1)
@@ -167,7 +175,8 @@ class PatchTokenizer(nn.Module):
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm')(x)
     return nn.Dense(self.hidden_size, dtype=self.dtype, name='proj')(x)
 
-  def transformed_copies(self, x: jax.Array, amount: int, train: bool) -> list[jax.Array]:
+  def transformed_copies(self, x: jax.Array, amount: int | tuple[int, int],
+                         train: bool) -> list[jax.Array]:
     if self.kind == 'spt':
       return diagonal_shifts(x, amount)
     if train:
