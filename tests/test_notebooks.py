@@ -145,6 +145,7 @@ def test_vit_jax_notebook(tmp_path, compilation_cache):
   assert 'Top-1 correct on 12 labelled demo images' in text
 
 
+@pytest.mark.slow  # a third notebook kernel: ~15 s of CPU
 def test_vit_jax_notebook_with_a_local_checkpoint_file(tmp_path, compilation_cache):
   """The branch for official/local files: a checkpoint path, a preset, a label file, photos."""
   from conftest import golden_dir
