@@ -33,9 +33,19 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
   sys.path.insert(0, str(REPO))
 TINY = 'tests/_tiny_config.py'
+TOTAL = 10  # steps of the reference run and of the runs compared with it
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
            TF_ENABLE_ONEDNN_OPTS='0', PYTHONUNBUFFERED='1')
 ENV.pop('XLA_FLAGS', None)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _compile_cache(tmp_path_factory):
+  # Subprocesses share a persistent compilation cache: a relaunched run
+  # reuses the killed run's executables (compilation is most of their time).
+  ENV['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
+  ENV['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  ENV['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
 
 
 def tiny_config() -> ml_collections.ConfigDict:
@@ -47,7 +57,7 @@ def tiny_config() -> ml_collections.ConfigDict:
 
 def main_cmd(workdir, *overrides):
   return [sys.executable, '-m', 'vit_jax.main', f'--config={TINY}',
-          f'--workdir={workdir}', *overrides]
+          f'--workdir={workdir}', f'--config.total_steps={TOTAL}', *overrides]
 
 
 def run_main(workdir, *overrides, env=None, timeout=240):
@@ -80,7 +90,9 @@ def assert_params_close(a, b, rtol):
 def reference(tmp_path_factory):
   """One uninterrupted single-device, single-process run of the tiny config."""
   workdir = tmp_path_factory.mktemp('reference')
-  result = train.run(tiny_config(), str(workdir))
+  config = tiny_config()
+  config.total_steps = TOTAL
+  result = train.run(config, str(workdir))
   return workdir, result
 
 
@@ -92,7 +104,7 @@ def test_reference_run_outputs(reference):
   workdir, result = reference
   # Every test example is scored (359 = digits test split), none dropped.
   assert result.metrics['num_test_examples'] == 359
-  assert len(result.history) == 6
+  assert len(result.history) == TOTAL
   # Logged lr is the lr the step used, nonzero at step 1 (base 0.1, warmup 2).
   assert result.history[0]['lr'] == pytest.approx(0.05)
   assert result.history[1]['lr'] == pytest.approx(0.1)
@@ -102,11 +114,11 @@ def test_reference_run_outputs(reference):
   assert exported['head']['kernel'].shape == (32, 10)
   assert (workdir / 'labels.txt').read_text().split() == [str(i) for i in range(10)]
   cfg = json.loads((workdir / 'config.json').read_text())
-  assert cfg['model']['model_name'] == 'tiny-test' and cfg['total_steps'] == 6
-  # checkpoint_every=2, keep 2 -> steps 4 and 6 remain.
+  assert cfg['model']['model_name'] == 'tiny-test' and cfg['total_steps'] == TOTAL
+  # checkpoint_every=2, keep 2 -> the last two remain.
   steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
                  if p.name.isdigit())
-  assert steps == [4, 6]
+  assert steps == [TOTAL - 2, TOTAL]
   final = json.loads((workdir / 'final_metrics.json').read_text())
   assert final['accuracy_test'] == pytest.approx(result.metrics['accuracy_test'])
 
@@ -161,15 +173,14 @@ def test_two_processes_match_one_process(reference, tmp_path):
 def test_sigkill_and_relaunch_gives_identical_params(reference, tmp_path):
   _, ref = reference
   workdir = tmp_path / 'killed'
-  # Longer than the reference so the kill lands mid-run; compare with a
-  # reference of the same length run in-process below.
-  total, kill_at = 14, random.Random().randint(3, 11)
-  proc = subprocess.Popen(main_cmd(workdir, f'--config.total_steps={total}'),
-                          cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  # From step 3 on, the step-2 checkpoint exists (saved before step 3 runs).
+  kill_at = random.Random().randint(3, TOTAL - 2)
+  proc = subprocess.Popen(main_cmd(workdir), cwd=REPO, env=ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
   killed_at = None
   for line in proc.stderr:
-    m = re.search(rf'step (\d+)/{total}', line)
+    m = re.search(rf'step (\d+)/{TOTAL}', line)
     if m and int(m.group(1)) >= kill_at:
       proc.send_signal(signal.SIGKILL)
       killed_at = int(m.group(1))
@@ -177,18 +188,16 @@ def test_sigkill_and_relaunch_gives_identical_params(reference, tmp_path):
   proc.wait(timeout=60)
   assert killed_at is not None and proc.returncode == -signal.SIGKILL
   assert not (workdir / 'tiny-test.npz').exists()
-  out = run_main(workdir, f'--config.total_steps={total}')
-  assert re.search(r'Resumed from .* at step \d+', out.stderr)
-
-  config = tiny_config()
-  config.total_steps = total
-  uninterrupted = train.run(config, str(tmp_path / 'uninterrupted'))
-  resumed = ckpt_lib.load(str(workdir / 'tiny-test.npz'))
-  for k, v in ckpt_lib.flatten(uninterrupted.params).items():
-    np.testing.assert_array_equal(ckpt_lib.flatten(resumed)[k], v, err_msg=k)
-  # The first 6 steps also equal the 6-step reference's trajectory... up to
-  # the schedule, which depends on total_steps: only step 1 is comparable.
-  assert train_losses(workdir)[0] == pytest.approx(ref.history[0]['train_loss'])
+  out = run_main(workdir)
+  resumed_at = int(re.search(r'Resumed from .* at step (\d+)', out.stderr).group(1))
+  assert 0 < resumed_at <= killed_at
+  # Bit-identical to the uninterrupted run: same batches (data position
+  # restored), same dropout masks (rng folded with the step), same state.
+  resumed = ckpt_lib.flatten(ckpt_lib.load(str(workdir / 'tiny-test.npz')))
+  for k, v in ckpt_lib.flatten(ref.params).items():
+    np.testing.assert_array_equal(resumed[k], v, err_msg=k)
+  np.testing.assert_array_equal(train_losses(workdir),
+                                [h['train_loss'] for h in ref.history])
 
 
 def _tiny_model(classifier='token', dropout=0.0):
@@ -251,11 +260,11 @@ def test_batchnorm_stats_threaded_through_micro_batches():
   # Second path: apply the two micro-batches (examples 0,2,4.. then 1,3,5..)
   # one after the other with mutable batch_stats.
   bs = variables['batch_stats']
+  apply = jax.jit(lambda bs, x: model.apply(
+      {'params': variables['params'], 'batch_stats': bs}, x, train=True,
+      mutable=['batch_stats'])[1]['batch_stats'])
   for i in range(2):
-    _, upd = model.apply({'params': variables['params'], 'batch_stats': bs},
-                         batch['image'][i::2], train=True,
-                         mutable=['batch_stats'])
-    bs = upd['batch_stats']
+    bs = apply(bs, batch['image'][i::2])
   for a, b in zip(jax.tree.leaves(new['batch_stats']), jax.tree.leaves(bs)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   changed = [not np.allclose(a, b) for a, b in zip(
@@ -274,8 +283,10 @@ def test_deit_hard_label_distillation_loss():
   step = jax.jit(train.make_train_step(student, tx, lambda c: 0.0, config,
                                        teacher))
   _, metrics = step(state, batch, jax.random.PRNGKey(0), {'params': t_params})
-  logits = student.apply({'params': s_params}, batch['image'], train=True)
-  t_label = jnp.argmax(teacher.apply({'params': t_params}, batch['image']), -1)
+  logits = jax.jit(lambda x: student.apply({'params': s_params}, x,
+                                           train=True))(batch['image'])
+  t_label = jnp.argmax(jax.jit(lambda x: teacher.apply(
+      {'params': t_params}, x))(batch['image']), -1)
   assert len(set(np.asarray(t_label).tolist())) > 1  # a non-trivial teacher
   want = 0.5 * optim.cross_entropy(logits[:, 0], batch['label']).mean() + \
       0.5 * optim.cross_entropy(logits[:, 1], t_label).mean()

@@ -580,9 +580,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   train_iter = (input_pipeline.make_train_iter(config, start_step=start_step)
                 if start_step < total_steps else None)
-  compile_start = time.perf_counter()
   for step in range(start_step + 1, total_steps + 1):
     batch = input_pipeline.to_global(next(train_iter), batch_sh)
+    if step == start_step + 1:
+      compile_start = time.perf_counter()
     state, metrics = train_step(state, batch, dropout_rng, teacher_vars)
     pending.append((step, metrics))
     if step == start_step + 1:  # The first step includes compilation.
