@@ -57,6 +57,14 @@ def test_attention_to_self_only_gives_distance_zero():
   np.testing.assert_array_equal(analysis.mean_attention_distance(att, (4, 4), 16), np.zeros(3))
 
 
+def test_uniform_attention_distance_is_mean_pairwise_distance():
+  att = np.full((1, 3, 1 + 49, 1 + 49), 1.0 / 50)
+  d = analysis.token_distances((7, 7), 32.0)
+  np.testing.assert_allclose(analysis.mean_attention_distance(att, (7, 7), 32.0), [d.mean()] * 3)
+  # the paper's ViT-L/16 at 224 px: uniform attention spans ~0.52 of the width
+  assert analysis.token_distances((14, 14), 16.0).mean() == pytest.approx(0.52 * 224, rel=0.05)
+
+
 def test_two_token_distances():
   # 1x2 grid of 16-pixel patches, no class token: patch centres 16 px apart.
   swap = np.array([[[0.0, 1.0], [1.0, 0.0]]])  # (heads=1, 2, 2)

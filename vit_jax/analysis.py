@@ -246,8 +246,12 @@ def plot_rollout(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], path:
 
 
 def plot_attention_distance(distances: np.ndarray, path: str, image_size: int | None = None,
-                            title: str = '') -> str:
-  """Fig. 7 (right) / Fig. 11: one dot per head, layers along x."""
+                            title: str = '', uniform: float | None = None) -> str:
+  """Fig. 7 (right) / Fig. 11: one dot per head, layers along x.
+
+  ``uniform`` (the distance of uniform attention over the patches) is drawn as
+  a dashed line: heads well below it attend locally.
+  """
   plt = _pyplot()
   d = np.asarray(distances)
   layers, heads = d.shape
@@ -256,9 +260,11 @@ def plot_attention_distance(distances: np.ndarray, path: str, image_size: int | 
   for h in range(heads):
     ax.scatter(np.arange(1, layers + 1), d[:, h], s=14, color=cmap(h % cmap.N),
                label=f'head {h + 1}')
+  if uniform is not None:
+    ax.axhline(uniform, ls='--', lw=1, color='gray', label='uniform attention')
   ax.set_xlabel('Network depth (layer)')
   ax.set_ylabel('Mean attention distance (pixels)')
-  top = float(d.max()) * 1.1 if d.size else 1.0
+  top = max(float(d.max()) if d.size else 1.0, uniform or 0.0) * 1.1
   if image_size:
     top = max(top, image_size / 2)
   ax.set_ylim(0, top)
@@ -266,7 +272,7 @@ def plot_attention_distance(distances: np.ndarray, path: str, image_size: int | 
   ax.set_xticks(np.arange(1, layers + 1, max(1, layers // 12)))
   ax.set_title(title or (f'image width {image_size} px' if image_size else ''), fontsize=9)
   if heads <= 16:
-    ax.legend(fontsize=6, ncol=2, loc='lower right', frameon=False)
+    ax.legend(fontsize=6, ncol=2, loc='lower right', frameon=True, framealpha=0.8)
   ax.grid(alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
@@ -410,7 +416,8 @@ def run_all(bundle: Any, paths: Sequence[str], out_dir: str,
                                     os.path.join(out_dir, 'attention_rollout.png'), titles)
   written['distance'] = plot_attention_distance(
       dist, os.path.join(out_dir, 'attention_distance.png'), image_size=w,
-      title=f'mean over {len(images)} image(s); image width {w} px')
+      title=f'mean over {len(images)} image(s); image width {w} px',
+      uniform=float(token_distances(grid, px).mean()))
 
   try:
     sim = posemb_similarity(position_embeddings(bundle.params, bundle.model_config, grid), grid)
