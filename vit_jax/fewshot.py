@@ -595,14 +595,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         k: dataclasses.asdict(r) for k, r in results.items()}}, indent=2))
     return 0
   l2s = evaluator.l2_regs
-  print(f'{evaluator.name}: few-shot accuracy of {args.representation} '
-        f'(mean over seeds {evaluator.seeds}; penalty chosen by leave-one-out)')
-  print(f'{"shots":>5} {"acc":>7} {"+-std":>6}  chosen l2   | test acc per l2: ' +
-        ' '.join(f'{v:>6g}' for v in l2s))
+  print(f'{evaluator.name}: few-shot accuracy of {args.representation}, mean over seeds '
+        f'{evaluator.seeds}; L2 penalty chosen per seed by leave-one-out')
+  print(f'{"shots":>5}  {"accuracy":>8}  {"std":>6}  chosen l2 (per seed)')
   for k, r in results.items():
-    chosen = ','.join(f'{v:g}' for v in r.chosen_l2)
-    print(f'{k:>5} {r.accuracy:7.4f} {r.accuracy_std:6.4f}  {chosen:<11}| ' + ' ' * 16 +
-          ' '.join(f'{r.per_l2[v]:6.3f}' for v in l2s))
+    print(f'{k:>5}  {r.accuracy:8.4f}  {r.accuracy_std:6.4f}  ' +
+          ', '.join(f'{v:g}' for v in r.chosen_l2))
+  print('test accuracy per L2 penalty (mean over seeds):')
+  print(f'{"shots":>5}  ' + ' '.join(f'{v:>7g}' for v in l2s))
+  for k, r in results.items():
+    print(f'{k:>5}  ' + ' '.join(f'{r.per_l2[v]:7.4f}' for v in l2s))
   return 0
 
 
