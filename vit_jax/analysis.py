@@ -15,6 +15,11 @@ runs all of them on a checkpoint and some images::
 
   python -m vit_jax.analysis --checkpoint=ViT-B_16.npz --model=ViT-B_16 \\
       --out_dir=figs img1.jpg img2.jpg
+  python -m vit_jax.analysis --workdir=/tmp/run --out_dir=figs photos/   # a training run
+
+It writes attention_rollout.png (first --max_rollout_images images),
+attention_distance.png (mean over all images; the paper used 128),
+posemb_similarity.png, embedding_filters_pca.png and analysis.npz (the numbers).
 """
 
 from __future__ import annotations
