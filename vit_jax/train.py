@@ -127,6 +127,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not config.get('model_name') and not config.get('model'):
     raise ConfigError('Set config.model_name (a preset, e.g. "ViT-B_16") '
                       'and/or config.model (a model config).')
+  name = config.get('model_name')
+  if name and name not in models.MODEL_CONFIGS:
+    raise ConfigError(f'config.model_name={name!r} is not a preset; known: '
+                      f'{", ".join(sorted(models.MODEL_CONFIGS))}.')
   for key in ('batch_size', 'total_steps', 'image_size', 'log_every'):
     if key in config and config[key] <= 0:
       raise ConfigError(f'config.{key} must be > 0, got {config[key]}.')
@@ -429,13 +433,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
-  from vit_jax import input_pipeline  # TensorFlow comes in with the data.
-
   # ========================= Config =========================
   quiet_orbax_logs()
   validate_config(config)
-  check_pretrained_available(config)
   write_config(config, workdir)
+  check_pretrained_available(config)  # Fail in seconds, before any data work.
+  from vit_jax import input_pipeline  # TensorFlow comes in with the data.
   is_main = jax.process_index() == 0
   total_steps = config.total_steps
   log_every = config.get('log_every', 10) or 10
