@@ -68,8 +68,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({
       'model_name': 'vit-scratch',
       'patches': {'size': (4, 4)},
-      'hidden_size': 128,
-      'transformer': {'mlp_dim': 256, 'num_heads': 4, 'num_layers': 4,
+      'hidden_size': 64,
+      'transformer': {'mlp_dim': 128, 'num_heads': 4, 'num_layers': 4,
                       'dropout_rate': 0.0, 'attention_dropout_rate': 0.0},
       'classifier': 'token',
       'representation_size': None,

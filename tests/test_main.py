@@ -152,5 +152,5 @@ def test_image_folder_from_the_command_line(tmp_path):
   assert cfg.total_steps == 8 and cfg.dataset == f'folder:{root}'
   assert tuple(cfg.model.patches.size) == (4, 4)
   params = ckpt_lib.load(str(workdir / 'vit-scratch.npz'))
-  assert params['head']['kernel'].shape == (128, 2)
-  assert params['embedding']['kernel'].shape == (4, 4, 3, 128)
+  assert params['head']['kernel'].shape == (64, 2)
+  assert params['embedding']['kernel'].shape == (4, 4, 3, 64)

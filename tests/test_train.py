@@ -92,6 +92,10 @@ def reference(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('reference')
   config = tiny_config()
   config.total_steps = TOTAL
+  # Few-shot linear probe on the pre-logits during training (paper 4.1).
+  config.evals = ml_collections.ConfigDict({'fewshot': {
+      'dataset': 'digits', 'image_size': 8, 'shots': (2, 5), 'seeds': (0,),
+      'every': 5}})
   result = train.run(config, str(workdir))
   return workdir, result
 
@@ -121,6 +125,11 @@ def test_reference_run_outputs(reference):
   assert steps == [TOTAL - 2, TOTAL]
   final = json.loads((workdir / 'final_metrics.json').read_text())
   assert final['accuracy_test'] == pytest.approx(result.metrics['accuracy_test'])
+  # Few-shot evaluator ran at step 5 and at the end, scores in [0, 1].
+  logged = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  fewshot_steps = [r['step'] for r in logged if 'fewshot/digits_5shot' in r]
+  assert fewshot_steps == [5, TOTAL]
+  assert 0.1 < result.metrics['fewshot/digits_5shot'] <= 1.0
 
 
 # ---------------------------------------------------------------------------

@@ -430,15 +430,17 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains and evaluates; see the module docstring for what lands in workdir."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-
   # ========================= Config =========================
   quiet_orbax_logs()
   validate_config(config)
   write_config(config, workdir)
   check_pretrained_available(config)  # Fail in seconds, before any data work.
-  from vit_jax import input_pipeline  # TensorFlow comes in with the data.
+  # TensorFlow comes in with the data and clu's TensorBoard writer: slow
+  # imports, so only after the quick checks.
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+
+  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   is_main = jax.process_index() == 0
   total_steps = config.total_steps
   log_every = config.get('log_every', 10) or 10
