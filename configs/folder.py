@@ -26,13 +26,15 @@ also works, with --config.test_split=val.
 2. No checkpoint, no network: `,scratch` trains a small ViT from scratch with
    the RPT report's recipe (section 4.2: AdamW 1e-3, weight decay 1e-4, 10%
    warmup, cosine; flip/rotation/zoom augmentation) at 32x32, sized for a CPU
-   (~4 min for the default 500 steps on 2 cores):
+   (500 steps of batch 128 in ~9 min on 2 busy CPU cores):
 
      python -m vit_jax.main --config=configs/folder.py:/data/flowers,scratch \
          --workdir=/tmp/flowers_scratch
 
    Expected: well above chance, far below a fine-tune (that gap is the RPT
-   report's title claim); e.g. on CIFAR-10 images ~0.45 after 500 steps.
+   report's title claim). Measured on a 5,000-image CIFAR-10 subset (500 per
+   class; 1,000 test images): accuracy_test 0.409 after 500 steps (0.402 at
+   step 300; chance 0.10).
 
 The class count comes from the folders; the workdir's labels.txt lists the
 classes in label order, for `python -m vit_jax.predict`.
