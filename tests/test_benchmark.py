@@ -128,3 +128,33 @@ def test_config_merging_and_errors(tiny):
     benchmark.build('testing', num_classes=2, resolution=8, dtype='float16')
   with pytest.raises(ValueError, match='batch and resolution must be positive'):
     benchmark.benchmark(*tiny, batch=0, resolution=8)
+
+
+def _train_step_script():
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / 'benchmarks' / 'train_step.py'
+  spec = importlib.util.spec_from_file_location('bench_train_step', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('classifier', ['token', 'gap'])
+def test_timm_peer_has_our_shape(classifier):
+  """The timm model we compare against has exactly our parameter count."""
+  script = _train_step_script()
+  timm, msg = script.import_timm()
+  if timm is None:
+    pytest.skip(msg)
+  from vit_jax import models
+  cfg = models.get_config('ViT-Ti_16').to_dict()
+  cfg['classifier'] = classifier
+  peer, _ = script.timm_peer(cfg, resolution=64, num_classes=10)
+  ours = jax.eval_shape(lambda: models.get_model(cfg, num_classes=10).init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3))))['params']
+  n_ours = sum(x.size for x in jax.tree.leaves(ours))
+  assert sum(p.numel() for p in peer.parameters()) == n_ours
+  peer_none, why = script.timm_peer(dict(cfg, tokenizer={'type': 'rpt'}), resolution=64,
+                                    num_classes=10)
+  assert peer_none is None and 'no timm peer' in why
