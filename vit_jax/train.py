@@ -364,9 +364,10 @@ class _Throughput:
   def window(self) -> tuple[float, float]:
     """(steps/sec since the last call, steps/sec over the whole run)."""
     self.pause()
-    rate = self.steps / self.time if self.time > 0 else float('nan')
-    total = (self.total_steps / self.total_time if self.total_time > 0
-             else float('nan'))
+    rate = (self.steps / self.time if self.time > 0 and self.steps
+            else float('nan'))
+    total = (self.total_steps / self.total_time
+             if self.total_time > 0 and self.total_steps else float('nan'))
     self.steps, self.time = 0, 0.0
     self.start()
     return rate, total
@@ -588,6 +589,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   for step in range(start_step + 1, total_steps + 1):
     batch = input_pipeline.to_global(next(train_iter), batch_sh)
     if step == start_step + 1:
+      logging.info('Compiling the train step (the first step includes it)...')
       compile_start = time.perf_counter()
     state, metrics = train_step(state, batch, dropout_rng, teacher_vars)
     pending.append((step, metrics))
@@ -614,10 +616,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       writer.write_scalars(step, scalars)
       history.append(dict(step=step, **scalars))
       eta = (total_steps - step) / avg_rate if avg_rate > 0 else float('nan')
-      logging.info(
-          'step %d/%d | train_loss %.4f | lr %.2e | %.1f img/s (%.1f/core) | '
-          'ETA %s', step, total_steps, scalars['train_loss'], scalars['lr'],
-          rate * batch_size, rate * batch_size / mesh.size, _fmt_time(eta))
+      speed = (f'{rate * batch_size:.1f} img/s ({rate * batch_size / mesh.size:.1f}'
+               '/core)' if math.isfinite(rate) else 'img/s after compilation')
+      logging.info('step %d/%d | train_loss %.4f | lr %.2e | %s | ETA %s', step,
+                   total_steps, scalars['train_loss'], scalars['lr'], speed,
+                   _fmt_time(eta))
 
     do_eval = eval_every and step % eval_every == 0 and step != total_steps
     fewshot_every = fewshot_cfg.get('every', 0) if fewshot is not None else 0
