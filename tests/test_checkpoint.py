@@ -168,3 +168,22 @@ def test_cli_error_exit_code(tmp_path, capsys):
 def test_not_zip_is_error_type():
   assert issubclass(checkpoint.CheckpointError, ValueError)
   assert zipfile  # keep import used for readers: truncated files raise BadZipFile inside
+
+
+def test_load_pretrained_deit_two_prefix_tokens_and_heads(tmp_path):
+  """DeiT ('distill'): both heads reset, both prefix tokens kept on resize."""
+  cfg = dict(num_classes=7, patches={'size': (4, 4)}, hidden_size=16, classifier='distill',
+             transformer=dict(mlp_dim=32, num_heads=2, num_layers=1))
+  src = _init(cfg, 16)
+  src = jax.tree.map(lambda a: np.random.default_rng(0).normal(size=a.shape).astype(a.dtype), src)
+  checkpoint.save(src, tmp_path / 'deit.npz')
+  ft_cfg = {**cfg, 'num_classes': 3}
+  ft = checkpoint.load_pretrained(tmp_path / 'deit.npz', _init(ft_cfg, 24), ft_cfg)
+  assert not np.any(ft['head']['kernel']) and not np.any(ft['head_dist']['kernel'])
+  assert ft['head_dist']['kernel'].shape == (16, 3)
+  pe_old = src['Transformer']['posembed_input']['pos_embedding']
+  pe_new = ft['Transformer']['posembed_input']['pos_embedding']
+  assert pe_new.shape == (1, 2 + 36, 16)
+  np.testing.assert_array_equal(pe_new[:, :2], pe_old[:, :2])
+  np.testing.assert_allclose(
+      pe_new, checkpoint.interpolate_posembed(pe_old, 38, 2), atol=0)

@@ -185,7 +185,7 @@ def _grid(num: int, grid: Optional[Sequence[int]], what: str) -> tuple[int, int]
   return g, g
 
 
-def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: bool,
+def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: bool | int,
                          *, old_grid: Optional[Sequence[int]] = None,
                          new_grid: Optional[Sequence[int]] = None) -> np.ndarray:
   """Resizes a (1, T, D) position embedding to `num_tokens` tokens.
@@ -194,11 +194,12 @@ def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: b
   grid and resample with ``scipy.ndimage.zoom(order=1)`` (bilinear with the
   corners aligned). Grids are square unless `old_grid` / `new_grid` say
   otherwise (e.g. (14, 24) for 224x384 inputs), which the original cannot do.
+  An int `has_class_token` counts the prefix tokens kept (2 for DeiT).
   """
   posemb = np.asarray(posemb)
   if posemb.ndim != 3 or posemb.shape[0] != 1:
     raise ValueError(f'expected a (1, T, D) position embedding, got {posemb.shape}')
-  ntok = 1 if has_class_token else 0
+  ntok = int(has_class_token)
   tok, grid = posemb[:, :ntok], posemb[0, ntok:]
   gh, gw = _grid(grid.shape[0], old_grid, 'Checkpoint position embedding')
   nh, nw = _grid(num_tokens - ntok, new_grid, 'Model position embedding')
@@ -251,15 +252,16 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
   if representation_size is None:
     restored = {k: v for k, v in restored.items() if not k.startswith('pre_logits/')}
   # A fine-tune always starts from the model's own (zero-initialised) head.
-  restored = {k: v for k, v in restored.items() if not k.startswith('head/')}
-  restored.update({k: v for k, v in expected.items() if k.startswith('head/')})
+  is_head = lambda k: k.split('/')[0] in ('head', 'head_dist')  # noqa: E731 (DeiT: two heads)
+  restored = {k: v for k, v in restored.items() if not is_head(k)}
+  restored.update({k: v for k, v in expected.items() if is_head(k)})
 
   if POSEMB_KEY in restored and POSEMB_KEY in expected:
     old, new = restored[POSEMB_KEY], expected[POSEMB_KEY]
     if old.shape != tuple(np.shape(new)) and old.shape[2:] == tuple(np.shape(new))[2:]:
-      has_class_token = classifier in ('token', 'token_unpooled')
+      num_prefix = {'token': 1, 'token_unpooled': 1, 'distill': 2}.get(classifier, 0)
       restored[POSEMB_KEY] = interpolate_posembed(
-          old, np.shape(new)[1], has_class_token, new_grid=grid)
+          old, np.shape(new)[1], num_prefix, new_grid=grid)
 
   diff = _shape_diff(restored, expected)
   if diff:
