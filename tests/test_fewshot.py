@@ -73,9 +73,13 @@ def test_protocol_accuracy_per_l2_matches_direct_solution():
         xd = np.concatenate([(x_test - mean) / std, np.full((200, 1), fewshot.BIAS_VALUE)], 1)
         accs.append(np.mean((xd @ w).argmax(1) == labels_test))
       assert res[k].per_l2[l2] == pytest.approx(np.mean(accs), abs=1e-12)
-    # the reported accuracy is the test accuracy at the penalty LOO chose
-    for seed_acc, l2 in zip(res[k].per_seed, res[k].chosen_l2):
-      assert l2 in l2s and 0.0 <= seed_acc <= 1.0
+    # the penalty is the one with the lowest leave-one-out squared error, and
+    # the reported accuracy is the test accuracy at that penalty
+    for seed, seed_acc, l2 in zip((0, 3), res[k].per_seed, res[k].chosen_l2):
+      idx = fewshot.sample_shots(labels_train, num_classes, k, seed)
+      cache = fewshot.ridge_precompute(x_train[idx], labels_train[idx], num_classes)
+      assert l2 == min(l2s, key=lambda v: fewshot.ridge_loo(cache, v)[1])
+      assert seed_acc == fewshot.ridge_accuracy(cache, l2, x_test, labels_test)
   assert res[10].accuracy > 0.5  # 5 classes, chance is 0.2
 
 
