@@ -179,7 +179,7 @@ def test_evaluator_matches_direct_solution_on_digits():
         xd = np.concatenate([(x_test - mean) / std, np.full((len(x_test), 1), fewshot.BIAS_VALUE)], 1)
         accs.append(np.mean((xd @ w).argmax(1) == y_test))
       assert metrics[f'fewshot/digits_{k}shot_l2={l2:g}'] == pytest.approx(np.mean(accs), abs=1e-9)
-  assert metrics['fewshot/digits_5shot'] > 0.3  # random features still beat chance (0.1)
+  assert metrics['fewshot/digits_5shot'] > 0.2  # random features still beat chance (0.1)
 
 
 def test_evaluator_errors():
