@@ -63,6 +63,12 @@ def test_export_any_step_bit_identical(tmp_path, capsys):
   assert export.main([f'--workdir={wd}']) == 0
   assert 'exported step 7' in capsys.readouterr().out
   _assert_same(checkpoint.flatten(checkpoint.load(str(tmp_path / 'ViT-Ti_16.npz'))), states[7]['params'])
+  assert export.main([f'--workdir={wd}', '--step=3']) == 0  # an old step: its own file
+  _assert_same(checkpoint.flatten(checkpoint.load(str(tmp_path / 'ViT-Ti_16_step3.npz'))),
+               states[3]['params'])
+  _assert_same(checkpoint.flatten(checkpoint.load(str(tmp_path / 'ViT-Ti_16.npz'))),
+               states[7]['params'])  # not overwritten
+  capsys.readouterr()
   assert export.main([f'--workdir={wd}', '--list']) == 0
   assert capsys.readouterr().out.split() == ['3', '7']
 

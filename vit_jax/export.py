@@ -144,8 +144,10 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[int, str]:
   return step, out
 
 
-def default_out(workdir: str) -> str:
-  """``workdir/<model_name>.npz``, the path predict/analysis look for."""
+def default_out(workdir: str, step: int | None = None) -> str:
+  """``workdir/<model_name>.npz`` (where predict/analysis look), or
+  ``workdir/<model_name>_step<N>.npz`` for a step other than the latest, so
+  that exporting an old step never overwrites training's final export."""
   name = 'model'
   try:
     with open(os.path.join(workdir, 'config.json')) as f:
@@ -154,7 +156,7 @@ def default_out(workdir: str) -> str:
     name = (config.get('model') or {}).get('model_name') or config.get('model_name') or name
   except (OSError, ValueError):
     pass
-  return os.path.join(workdir, f'{name}.npz')
+  return os.path.join(workdir, f'{name}.npz' if step is None else f'{name}_step{step}.npz')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -162,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True, help='training workdir (or its checkpoints/)')
   parser.add_argument('--step', type=int, help='step to export (default: latest)')
-  parser.add_argument('--out', help='output .npz (default: WORKDIR/<model_name>.npz)')
+  parser.add_argument('--out', help='output .npz (default: WORKDIR/<model_name>.npz for the '
+                      'latest step, WORKDIR/<model_name>_step<N>.npz otherwise)')
   parser.add_argument('--list', action='store_true', help='list the available steps and exit')
   args = parser.parse_args(argv)
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -171,7 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
       print(' '.join(map(str, list_steps(args.workdir))))
       return 0
-    out = args.out or default_out(args.workdir)
+    step = args.step
+    if step is not None and step == list_steps(args.workdir)[-1]:
+      step = None  # the latest step goes where predict looks
+    out = args.out or default_out(args.workdir, step)
     step, out = export(args.workdir, out, args.step)
   except ExportError as e:
     print(f'error: {e}', file=sys.stderr)
