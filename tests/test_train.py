@@ -433,3 +433,34 @@ def test_nan_guard_stops_with_clear_message(tmp_path):
     train.run(config, str(tmp_path))
   # Nothing diverged was checkpointed (checkpoint_every=2).
   assert not any(p.name.isdigit() for p in (tmp_path / 'checkpoints').iterdir())
+
+
+def test_batchnorm_model_and_distillation_end_to_end(tmp_path):
+  # A BatchNorm ResNet (the RPT report's ResNet-56, 1 block per stage here):
+  # batch_stats are trained, used by eval, and exported beside the params.
+  config = tiny_config()
+  config.model = ml_collections.ConfigDict({
+      'model_type': 'resnet_cifar', 'model_name': 'tiny-resnet',
+      'blocks_per_stage': 1})
+  config.total_steps = 3
+  teacher = train.run(config, str(tmp_path / 'teacher'))
+  variables = ckpt_lib.load_variables(str(tmp_path / 'teacher' / 'tiny-resnet.npz'))
+  assert set(variables) == {'params', 'batch_stats'}
+  assert_params_close(variables['batch_stats'], teacher.batch_stats, rtol=0)
+  # DeiT: a student with a distillation token learns from that frozen teacher.
+  student = tiny_config()
+  student.model.classifier = 'distill'
+  student.total_steps = 2
+  student.distill = ml_collections.ConfigDict({
+      'teacher_model': 'ResNet-56',
+      'teacher_checkpoint': str(tmp_path / 'teacher' / 'tiny-resnet.npz')})
+  with pytest.raises(ckpt_lib.CheckpointError, match='does not fit'):
+    train.run(student, str(tmp_path / 'wrong_teacher'))  # 9 blocks vs 1
+  student.distill = ml_collections.ConfigDict({
+      'teacher_model': {'model_type': 'resnet_cifar', 'blocks_per_stage': 1},
+      'teacher_checkpoint': student.distill.teacher_checkpoint})
+  result = train.run(student, str(tmp_path / 'student'))
+  # Zero-initialised heads: both cross-entropies start at ln(10).
+  assert result.history[0]['train_loss'] == pytest.approx(math.log(10), rel=1e-6)
+  assert 'head_dist' in result.params
+  assert result.metrics['num_test_examples'] == 359

@@ -328,6 +328,20 @@ def load_teacher(config: ml_collections.ConfigDict, num_classes: int):
   path = distill.teacher_checkpoint
   check_remote_reachable(path)
   variables = ckpt_lib.load_variables(path)
+  size = config.image_size
+  expected = jax.eval_shape(lambda: teacher.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))
+  want = ckpt_lib.flatten({k: v for k, v in expected.items()
+                           if k in ('params', 'batch_stats')})
+  got = ckpt_lib.flatten(variables)
+  bad = sorted(k for k in set(want) | set(got)
+               if k not in want or k not in got
+               or tuple(want[k].shape) != tuple(np.shape(got[k])))
+  if bad:
+    raise ckpt_lib.CheckpointError(
+        f'Teacher checkpoint {path} does not fit config.distill.teacher_model='
+        f'{distill.teacher_model!r}: {len(bad)} keys missing or of another '
+        f'shape, e.g. {", ".join(bad[:5])}.')
   return teacher, variables
 
 
