@@ -22,9 +22,10 @@ checkpoint at the exact step and data position.
 Multi-host (one process per host, same command everywhere):
 
   * GPU hosts: every process calls `jax.distributed.initialize`, done here when
-    the flags or the environment say so. On Slurm / Open MPI nothing is needed
-    (auto-detected: `srun python -m vit_jax.main ...`). Elsewhere pass, on each
-    host i of N:
+    the flags or the environment say so. Under Slurm or Open MPI nothing is
+    needed (auto-detected: `srun python -m vit_jax.main ...` or
+    `mpirun -n N python -m vit_jax.main ...`, one process per host or per
+    GPU). Elsewhere pass, on each host i of N:
 
       python -m vit_jax.main --config=... --workdir=gs://bucket/dir \
           --coordinator_address=host0:12345 --num_processes=N --process_id=i
@@ -95,9 +96,15 @@ def init_distributed() -> None:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value)
-  elif _MULTIHOST.value or 'SLURM_JOB_ID' in os.environ and \
-      int(os.environ.get('SLURM_NTASKS', '1')) > 1:
-    jax.distributed.initialize()
+  elif _MULTIHOST.value or _launched_with_several_tasks():
+    jax.distributed.initialize()  # Arguments detected from the environment.
+
+
+def _launched_with_several_tasks() -> bool:
+  """Slurm (srun) or Open MPI (mpirun) started more than one process."""
+  env = os.environ
+  return (int(env.get('SLURM_NTASKS', '1')) > 1 and 'SLURM_JOB_ID' in env) or \
+      int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
 
 
 def main(argv) -> None:
