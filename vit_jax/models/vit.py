@@ -127,25 +127,28 @@ class MultiHeadDotProductAttention(nn.Module):
     v_w, v_b = _Weights(**shapes, name='value')()
     o_w, o_b = _Weights((self.num_heads, hd, d), (d,), _out_init, name='out')()
 
-    # One fused matmul for q, k and v.
+    # One fused matmul for q, k and v, written heads-major (k, b, h, t, e) so
+    # the two attention matmuls below have leading batch dims (b, h) and need
+    # no transposes: ~1.8x faster inference on CPU for many narrow heads
+    # (SmallViT: 12 heads of 16), neutral for ViT-Ti/B (benchmarks/RESULTS.md).
     w = jnp.stack([q_w, k_w, v_w], axis=1).astype(self.dtype)    # (D, 3, H, hd)
     b = jnp.stack([q_b, k_b, v_b], axis=0).astype(self.dtype)    # (3, H, hd)
-    qkv = jnp.einsum('btd,dkhe->kbthe', x.astype(self.dtype), w) + b[:, None, None]
-    q, k, v = qkv[0], qkv[1], qkv[2]
+    qkv = jnp.einsum('btd,dkhe->kbhte', x.astype(self.dtype), w) + b[:, None, :, None]
+    q, k, v = qkv[0], qkv[1], qkv[2]                             # (B, H, T, hd)
 
     if self.locality:
       temperature = self.param('temperature', nn.initializers.constant(np.sqrt(hd)), ())
-      logits = jnp.einsum('bqhe,bkhe->bhqk', q, k) / temperature.astype(self.dtype)
+      logits = jnp.einsum('bhqe,bhke->bhqk', q, k) / temperature.astype(self.dtype)
       eye = jnp.eye(x.shape[1], dtype=bool)
       logits = jnp.where(eye, jnp.finfo(logits.dtype).min, logits)
     else:
-      logits = jnp.einsum('bqhe,bkhe->bhqk', q / np.sqrt(hd).astype(self.dtype), k)
+      logits = jnp.einsum('bhqe,bhke->bhqk', q / np.sqrt(hd).astype(self.dtype), k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     self.sow('intermediates', 'attention_weights', weights)
     if not deterministic and self.dropout_rate > 0:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
-    out = jnp.einsum('bhqk,bkhe->bqhe', weights, v)
-    return jnp.einsum('bqhe,hed->bqd', out, o_w.astype(self.dtype)) + o_b.astype(self.dtype)
+    out = jnp.einsum('bhqk,bhke->bhqe', weights, v)
+    return jnp.einsum('bhqe,hed->bqd', out, o_w.astype(self.dtype)) + o_b.astype(self.dtype)
 
 
 class MlpBlock(nn.Module):
