@@ -7,7 +7,7 @@ cores:
   python -m vit_jax.main --config=configs/quickstart.py --workdir=/tmp/quickstart
 
 Expected result: accuracy_test 0.961 (345 of the 359 test digits; chance is
-0.10), measured in ~3 min (20 s of start-up, 1000 steps, 4 evaluations) on 2
+0.10), measured in 2-3 min (20 s of start-up, 1000 steps, 4 evaluations) on 2
 busy CPU cores. The run is deterministic: the same machine gives the same
 number; another CPU may differ in the last digit.
 The workdir then holds the exported `vit-digits.npz` (official layout),
