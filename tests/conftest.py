@@ -27,6 +27,3 @@ def shared_dir() -> pathlib.Path:
 def golden_dir() -> pathlib.Path:
   return shared_dir() / 'golden'
 
-
-def pytest_configure(config):
-  config.addinivalue_line('markers', 'slow: longer tests (run with -m slow; CI runs them too)')
