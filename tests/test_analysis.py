@@ -98,8 +98,8 @@ def test_sincos2d_similarity_structure():
   # analytic: <e(p), e(q)> = sum_i cos(dx w_i) + sum_i cos(dy w_i), |e|^2 = d / 2
   omega = 1.0 / 10_000 ** (np.arange(d // 4) / (d // 4 - 1))
   f = lambda delta: np.cos(delta * omega).sum()
-  for (i, j, k, l) in [(0, 0, 3, 5), (7, 7, 7, 8), (2, 9, 13, 0)]:
-    assert sim[i, j, k, l] == pytest.approx((f(k - i) + f(l - j)) / (d / 2), abs=1e-5)
+  for (i, j, k, m) in [(0, 0, 3, 5), (7, 7, 7, 8), (2, 9, 13, 0)]:
+    assert sim[i, j, k, m] == pytest.approx((f(k - i) + f(m - j)) / (d / 2), abs=1e-5)
   flat = sim.reshape(g * g, g * g)
   np.testing.assert_array_equal(np.argmax(flat, axis=1), np.arange(g * g))  # most similar to itself
   np.testing.assert_allclose(flat, flat.T, atol=1e-6)

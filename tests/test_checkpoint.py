@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
-
 from conftest import golden_dir
+
 from vit_jax import checkpoint
 from vit_jax.models import vit
 

@@ -64,7 +64,7 @@ def execute(name: str, tmp_path: pathlib.Path, cache_dir: str,
       nb, timeout=CELL_TIMEOUT_S, kernel_name='python3',
       resources={'metadata': {'path': str(tmp_path)}})
   env = {'PYTHONPATH': env_path, 'JAX_COMPILATION_CACHE_DIR': cache_dir,
-         'TF_CPP_MIN_LOG_LEVEL': '2', 'TF_ENABLE_ONEDNN_OPTS': '0', 
+         'TF_CPP_MIN_LOG_LEVEL': '2', 'TF_ENABLE_ONEDNN_OPTS': '0',
          # Inline figures (display_data image/png), even where the caller set another backend.
          'MPLBACKEND': 'module://matplotlib_inline.backend_inline'}
   old = {k: os.environ.get(k) for k in env}

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import golden_dir
+
 from vit_jax import checkpoint
 from vit_jax.models import vit
 

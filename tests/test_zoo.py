@@ -74,7 +74,7 @@ def _tiny_params(model, x, seed=0):
   # Heads are zero-initialised: give every leaf random values so outputs differ.
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-  leaves = [l + 0.1 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)]
+  leaves = [leaf + 0.1 * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)]
   return jax.tree.unflatten(tree, leaves)
 
 

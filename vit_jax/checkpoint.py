@@ -16,7 +16,8 @@ import io
 import os
 import sys
 import zipfile
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.ndimage
@@ -138,7 +139,7 @@ def load(path: str) -> dict[str, Any]:
 
 
 def save(params: Mapping[str, Any], path: str,
-         batch_stats: Optional[Mapping[str, Any]] = None) -> str:
+         batch_stats: Mapping[str, Any] | None = None) -> str:
   """Writes `params` in the official layout; ``load(save(p))`` is bit-identical.
 
   The write is atomic (temp file + rename) for local paths. BatchNorm models
@@ -173,7 +174,7 @@ def save(params: Mapping[str, Any], path: str,
 # ---------------------------------------------------------------------------
 
 
-def _grid(num: int, grid: Optional[Sequence[int]], what: str) -> tuple[int, int]:
+def _grid(num: int, grid: Sequence[int] | None, what: str) -> tuple[int, int]:
   if grid is not None:
     gh, gw = grid
     if gh * gw != num:
@@ -186,8 +187,8 @@ def _grid(num: int, grid: Optional[Sequence[int]], what: str) -> tuple[int, int]
 
 
 def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: bool | int,
-                         *, old_grid: Optional[Sequence[int]] = None,
-                         new_grid: Optional[Sequence[int]] = None) -> np.ndarray:
+                         *, old_grid: Sequence[int] | None = None,
+                         new_grid: Sequence[int] | None = None) -> np.ndarray:
   """Resizes a (1, T, D) position embedding to `num_tokens` tokens.
 
   As in the original: keep the class-token embedding, reshape the rest to its
@@ -235,7 +236,7 @@ def _shape_diff(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> lis
 
 
 def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_config: Any,
-                    *, grid: Optional[Sequence[int]] = None) -> dict[str, Any]:
+                    *, grid: Sequence[int] | None = None) -> dict[str, Any]:
   """Loads a pre-trained checkpoint into the shape of `init_params`.
 
   Checks every key and shape against the freshly initialised model and raises
@@ -252,7 +253,7 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
   if representation_size is None:
     restored = {k: v for k, v in restored.items() if not k.startswith('pre_logits/')}
   # A fine-tune always starts from the model's own (zero-initialised) head.
-  is_head = lambda k: k.split('/')[0] in ('head', 'head_dist')  # noqa: E731 (DeiT: two heads)
+  is_head = lambda k: k.split('/')[0] in ('head', 'head_dist')
   restored = {k: v for k, v in restored.items() if not is_head(k)}
   restored.update({k: v for k, v in expected.items() if is_head(k)})
 
@@ -339,7 +340,7 @@ def main(argv: Sequence[str]) -> int:
     return 1
   params = variables['params']
   for key, value in sorted(flatten(params).items()):
-    print(f'{key:80s} {str(tuple(np.shape(value))):>20s} {np.asarray(value).dtype}')
+    print(f'{key:80s} {tuple(np.shape(value))!s:>20s} {np.asarray(value).dtype}')
   info = describe(params)
   print()
   for k, v in info.items():

@@ -22,7 +22,7 @@ is cheap enough to run during training. This module has three layers:
 
 Choice of the penalty. With k = 1 a held-out split of the few-shot train set
 does not exist, so we use leave-one-out (LOO) cross-validation, which ridge
-regression gives for free: with hat matrix ``H = X (X^T X + l I)^-1 X^T`` the
+regression gives for free: with hat matrix ``H = X (X^T X + lam I)^-1 X^T`` the
 LOO prediction of example i is ``y_i - (y_i - yhat_i) / (1 - H_ii)``. The
 penalty with the lowest LOO squared error (Allen's PRESS, 1974) wins; ties go
 to the larger penalty. We tried LOO *accuracy* first: it is coarse (0 for every
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 # The bias feature's value. A large constant makes the L2 penalty on the bias
-# negligible (penalty on the effective bias b is l * (b / BIAS_VALUE)^2), as in
+# negligible (penalty on the effective bias b is lam * (b / BIAS_VALUE)^2), as in
 # big_vision's few-shot evaluator, while keeping the problem one plain ridge
 # regression with one eigendecomposition.
 BIAS_VALUE = 100.0
@@ -71,13 +71,13 @@ class FewShotError(ValueError):
 class RidgeCache:
   """Everything needed to solve the ridge problem for any L2 penalty.
 
-  The normal equations are ``(X^T X + l I) W = X^T Y``. With ``X^T X = Q E Q^T``
-  (primal, N >= D + 1) the solution is ``W = Q (E + l)^-1 Q^T X^T Y``; with
-  ``X X^T = U E U^T`` (dual, N < D + 1) it is ``W = X^T U (E + l)^-1 U^T Y``.
-  Both read ``lhs @ diag(1 / (E + l)) @ rhs`` with ``rhs = P^T Y``, where the
+  The normal equations are ``(X^T X + lam I) W = X^T Y``. With ``X^T X = Q E Q^T``
+  (primal, N >= D + 1) the solution is ``W = Q (E + lam)^-1 Q^T X^T Y``; with
+  ``X X^T = U E U^T`` (dual, N < D + 1) it is ``W = X^T U (E + lam)^-1 U^T Y``.
+  Both read ``lhs @ diag(1 / (E + lam)) @ rhs`` with ``rhs = P^T Y``, where the
   train-side basis ``P`` is ``X Q`` (primal) or ``U`` (dual). The same basis
   gives the fitted values and the hat matrix for leave-one-out:
-  ``H = P diag(g) P^T`` with ``g = 1 / (E + l)`` (primal) or ``E / (E + l)``
+  ``H = P diag(g) P^T`` with ``g = 1 / (E + lam)`` (primal) or ``E / (E + lam)``
   (dual).
   """
 
@@ -272,7 +272,7 @@ def fewshot_accuracies(x_train: np.ndarray, labels_train: np.ndarray,
     raise FewShotError(f'Need at least one seed and shots >= 1, got seeds={seeds}, shots={shots}.')
   results = {}
   for k in shots:
-    per_seed, chosen, per_l2 = [], [], {float(l): [] for l in l2_regs}
+    per_seed, chosen, per_l2 = [], [], {float(lam): [] for lam in l2_regs}
     for seed in seeds:
       idx = sample_shots(labels_train, num_classes, k, seed)
       labels = labels_train[idx]
@@ -285,16 +285,16 @@ def fewshot_accuracies(x_train: np.ndarray, labels_train: np.ndarray,
                                bias_value, standardize)
       # Leave-one-out squared error (PRESS) picks the penalty; ties go to the
       # largest penalty (the simplest probe). See the module docstring.
-      best = max(l2_regs, key=lambda l: (-ridge_loo(cache, l)[1], l))
-      accs = {float(l): ridge_accuracy(cache, l, x_test, labels_test) for l in l2_regs}
-      for l, a in accs.items():
-        per_l2[l].append(a)
+      best = max(l2_regs, key=lambda lam: (-ridge_loo(cache, lam)[1], lam))
+      accs = {float(lam): ridge_accuracy(cache, lam, x_test, labels_test) for lam in l2_regs}
+      for lam, a in accs.items():
+        per_l2[lam].append(a)
       per_seed.append(accs[float(best)])
       chosen.append(float(best))
     results[k] = ShotResult(
         shots=k, accuracy=float(np.mean(per_seed)), accuracy_std=float(np.std(per_seed)),
         per_seed=per_seed, chosen_l2=chosen,
-        per_l2={l: float(np.mean(v)) for l, v in per_l2.items()})
+        per_l2={lam: float(np.mean(v)) for lam, v in per_l2.items()})
   return results
 
 
@@ -305,8 +305,8 @@ def results_to_metrics(name: str, results: Mapping[int, ShotResult],
   for k, r in results.items():
     out[f'fewshot/{name}_{k}shot'] = r.accuracy
     if per_l2:
-      for l, a in r.per_l2.items():
-        out[f'fewshot/{name}_{k}shot_l2={l:g}'] = a
+      for lam, a in r.per_l2.items():
+        out[f'fewshot/{name}_{k}shot_l2={lam:g}'] = a
   return out
 
 

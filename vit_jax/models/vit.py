@@ -13,7 +13,8 @@ nothing unless ``apply(..., mutable=['intermediates'])`` asks for them.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -159,7 +160,7 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
-    dense = lambda n, name: nn.Dense(  # noqa: E731
+    dense = lambda n, name: nn.Dense(
         n, dtype=self.dtype, name=name, kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6))
     y = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x))
@@ -245,17 +246,17 @@ class VisionTransformer(nn.Module):
     tokenizer: None (patch conv) or a dict {'type': 'spt' | 'rpt', ...}.
     dtype: computation dtype (params stay float32).
   """
-  num_classes: Optional[int]
+  num_classes: int | None
   patches: Any
   transformer: Any
   hidden_size: int
-  resnet: Optional[Any] = None
-  representation_size: Optional[int] = None
+  resnet: Any | None = None
+  representation_size: int | None = None
   classifier: str = 'token'
   head_bias_init: float = 0.
-  model_name: Optional[str] = None
+  model_name: str | None = None
   posemb: str = 'learn'
-  tokenizer: Optional[Any] = None
+  tokenizer: Any | None = None
   dtype: Dtype = jnp.float32
 
   @nn.compact
