@@ -6,6 +6,7 @@ team and CI, but not in a user's clone: tests that need it skip with a reason.
 
 import os
 import pathlib
+import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
@@ -13,6 +14,15 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# `configs/*.py` import `configs.common`: tests load configs in-process too.
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+# Environment for `python -m vit_jax.main` subprocesses: CPU, quiet TF, and no
+# inherited device-count flag (tests that want 8 devices set it themselves).
+SUBPROCESS_ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+                      TF_ENABLE_ONEDNN_OPTS='0', PYTHONUNBUFFERED='1')
+SUBPROCESS_ENV.pop('XLA_FLAGS', None)
 SHARED = pathlib.Path(os.environ.get('VIT_JAX_SHARED', REPO.parent / 'shared'))
 
 

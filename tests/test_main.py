@@ -3,7 +3,6 @@ and one full run on an image folder as a new user would do it."""
 
 import importlib
 import json
-import os
 import pathlib
 import socket
 import subprocess
@@ -15,15 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import REPO, SUBPROCESS_ENV
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-           TF_ENABLE_ONEDNN_OPTS='0')
-ENV.pop('XLA_FLAGS', None)
+ENV = SUBPROCESS_ENV
 
 
 def main(*args, timeout=300):

@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import os
-import pathlib
 import random
 import re
 import signal
@@ -24,19 +23,14 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import golden_dir
+from conftest import REPO, SUBPROCESS_ENV, golden_dir
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import models, optim, train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
 TINY = 'tests/_tiny_config.py'
 TOTAL = 10  # steps of the reference run and of the runs compared with it
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-           TF_ENABLE_ONEDNN_OPTS='0', PYTHONUNBUFFERED='1')
-ENV.pop('XLA_FLAGS', None)
+ENV = SUBPROCESS_ENV
 
 
 @pytest.fixture(scope='module', autouse=True)

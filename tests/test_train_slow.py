@@ -15,14 +15,9 @@ import sys
 import tarfile
 
 import pytest
-from conftest import shared_dir
+from conftest import REPO, SUBPROCESS_ENV, shared_dir
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
-           TF_ENABLE_ONEDNN_OPTS='0')
-ENV.pop('XLA_FLAGS', None)
+ENV = SUBPROCESS_ENV
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
            'horse', 'ship', 'truck')
 
