@@ -256,28 +256,18 @@ def benchmark(model: Any, variables: dict[str, Any], *, batch: int, resolution: 
       device=f'{device.platform}:{device.device_kind}')
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-  out = dict(base)
-  for k, v in override.items():
-    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-  return out
-
-
 def model_config_from_experiment(config: Any) -> tuple[Any, str]:
   """(model config, display name) from a training config (configs/*.py schema).
 
-  `config.model_name` picks a preset and `config.model` overrides its fields;
-  either may be absent, not both.
+  `config.model_name` picks a preset and `config.model` overrides its fields,
+  exactly as training merges them (`train.model_config`); either may be
+  absent, not both.
   """
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
-  name = config.get('model_name')
-  override = config.get('model')
-  if name is None and override is None:
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  if config.get('model_name') is None and config.get('model') is None:
     raise ValueError('The config sets neither `model_name` nor `model`: nothing to benchmark.')
-  base = models.get_config(name).to_dict() if name else {}
-  if override is not None:
-    base = _merge(base, override.to_dict() if hasattr(override, 'to_dict') else dict(override))
-  return base, name or base.get('model_name') or 'config'
+  merged = train.model_config(config).to_dict()
+  return merged, config.get('model_name') or merged['model_name']
 
 
 def build(model_config: Any, *, num_classes: int, resolution: int, dtype: str = 'float32',
