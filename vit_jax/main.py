@@ -138,6 +138,11 @@ def main(argv) -> None:
   summary = ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                       for k, v in metrics.items())
   print(f'Final: {summary}')
+  if 'accuracy_test_scratch' in metrics:  # config.scratch_baseline
+    print(f'\nAfter {metrics["step"]} steps, accuracy_test:\n'
+          f'  fine-tuned from {config.pretrained_path}: '
+          f'{metrics["accuracy_test"]:.4f}\n'
+          f'  from scratch:  {metrics["accuracy_test_scratch"]:.4f}')
 
 
 if __name__ == '__main__':

@@ -153,10 +153,22 @@ def _size2(size: int | Sequence[int]) -> tuple[int, int]:
   return (int(h), int(w))
 
 
-def load_bundle(checkpoint: str | None = None, model: str | None = None,
+def _model_config(model: Any):
+  """A preset name -> its ConfigDict; a ConfigDict -> a copy (we edit it)."""
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  if isinstance(model, str):
+    return models.get_config(model)
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(model.to_dict() if hasattr(model, 'to_dict') else model)
+
+
+def load_bundle(checkpoint: str | None = None, model: Any = None,
                 workdir: str | None = None, labels: str | None = None,
                 image_size: int | None = None) -> Bundle:
-  """Builds the model of a checkpoint (+ preset name) or of a training workdir."""
+  """Builds the model of a checkpoint (+ preset name) or of a training workdir.
+
+  `model` is a preset name or a model ConfigDict (e.g. train.model_config).
+  """
   from vit_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from vit_jax import models  # pylint: disable=g-import-not-at-top
 
@@ -165,7 +177,7 @@ def load_bundle(checkpoint: str | None = None, model: str | None = None,
     config = read_workdir_config(workdir)
     model_config = model_config_from_training(config)
     if model:
-      model_config = models.get_config(model)
+      model_config = _model_config(model)
     checkpoint = checkpoint or workdir_checkpoint(workdir, config)
     pp = _get(config, 'pp') or {}
     pp_eval = _get(pp, 'eval', 'resize')
@@ -177,7 +189,7 @@ def load_bundle(checkpoint: str | None = None, model: str | None = None,
     if not checkpoint or not model:
       raise PredictError('Pass --workdir=DIR, or both --checkpoint=PATH.npz and --model=NAME '
                          f'(one of: {", ".join(sorted(models.MODEL_CONFIGS))}).')
-    model_config = models.get_config(model)
+    model_config = _model_config(model)
   try:
     variables = ckpt.load_variables(checkpoint)
   except (OSError, ckpt.CheckpointError) as e:

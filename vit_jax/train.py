@@ -124,6 +124,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           for t in types)
       raise ConfigError(f'config.{key} must be {names}, got '
                         f'{type(value).__name__} {value!r}.')
+  baseline = config.get('scratch_baseline')
+  if baseline is not None:
+    if not isinstance(baseline, (ml_collections.ConfigDict, dict)):
+      raise ConfigError('config.scratch_baseline must be None or a ConfigDict '
+                        f'of overrides, got {type(baseline).__name__} {baseline!r}.')
+    if not pretrained_path(config):
+      raise ConfigError('config.scratch_baseline compares fine-tuning with '
+                        'training from scratch: set config.pretrained_path.')
   if not config.get('model_name') and not config.get('model'):
     raise ConfigError('Set config.model_name (a preset, e.g. "ViT-B_16") '
                       'and/or config.model (a model config).')
@@ -260,6 +268,25 @@ def make_eval_step(model) -> Callable:
     return {'correct': jnp.sum(correct * mask), 'loss': jnp.sum(loss * mask),
             'count': jnp.sum(mask)}
   return eval_step
+
+
+def evaluate_split(eval_step: Callable, params: Any, batch_stats: Any,
+                   config: ml_collections.ConfigDict, batch_sh: Any,
+                   split: str | None = None) -> dict[str, float]:
+  """Accuracy and loss over every example of `split` (default test_split).
+
+  One pass of input_pipeline.make_eval_iter (padded last batch, masked), so
+  the count is exact; used by the training loop and by vit_jax.evaluate.
+  """
+  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  sums = None
+  for batch in input_pipeline.make_eval_iter(config, split):
+    out = eval_step(params, batch_stats, input_pipeline.to_global(batch, batch_sh))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = {k: float(v) for k, v in sharding.to_host(sums).items()}
+  return {'accuracy_test': sums['correct'] / sums['count'],
+          'loss_test': sums['loss'] / sums['count'],
+          'num_test_examples': sums['count']}
 
 
 # ---------------------------------------------------------------------------
@@ -558,15 +585,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       out_shardings=repl)
 
   def evaluate(state) -> dict[str, float]:
-    sums = None
-    for batch in input_pipeline.make_eval_iter(config):
-      out = eval_step(state['params'], state.get('batch_stats'),
-                      input_pipeline.to_global(batch, batch_sh))
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = {k: float(v) for k, v in sharding.to_host(sums).items()}
-    return {'accuracy_test': sums['correct'] / sums['count'],
-            'loss_test': sums['loss'] / sums['count'],
-            'num_test_examples': sums['count']}
+    return evaluate_split(eval_step, state['params'], state.get('batch_stats'),
+                          config, batch_sh)
 
   fewshot_cfg = (config.get('evals') or {}).get('fewshot')
   fewshot = None
@@ -689,7 +709,59 @@ def metrics_lr(schedule: Callable, step: int) -> float:
   return optim.lr_at(schedule, step)
 
 
+def scratch_baseline_config(
+    config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The from-scratch twin of a fine-tuning config, or None.
+
+  `config.scratch_baseline` (a ConfigDict of overrides, {} for none) asks
+  for the RPT report's title comparison at equal cost: the same model, data,
+  resolution, augmentation, batch size and number of steps, from random
+  initialisation, with the recipe of training from scratch given by the
+  overrides (e.g. AdamW at 1e-3 where fine-tuning uses SGD at 0.01).
+  """
+  over = config.get('scratch_baseline')
+  if over is None:
+    return None
+  base = config.copy_and_resolve_references()
+  with base.unlocked():
+    base.update(over)
+    base.pretrained_path = None
+    base.scratch_baseline = None
+  for key in _EQUAL_IN_BASELINE:
+    if _lookup(base, key) != _lookup(config, key):
+      raise ConfigError(
+          f'config.scratch_baseline must not change {key}: the comparison is '
+          f'at equal steps, data and resolution ({_lookup(config, key)[1]!r} '
+          f'vs {_lookup(base, key)[1]!r}).')
+  return base
+
+
+_EQUAL_IN_BASELINE = ('dataset', 'train_split', 'test_split', 'image_size',
+                      'batch_size', 'total_steps', 'model_name', 'model',
+                      'pp.train', 'pp.eval', 'seed')
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, float]:
-  """Runs training; returns the final metrics (accuracy_test, loss_test, ...)."""
-  return run(config, workdir).metrics
+  """Runs training; returns the final metrics (accuracy_test, loss_test, ...).
+
+  With config.scratch_baseline set, then trains the from-scratch twin
+  (scratch_baseline_config) in workdir/scratch and adds its metrics with the
+  suffix `_scratch`; workdir/comparison.json holds both.
+  """
+  baseline = scratch_baseline_config(config)  # Fails before hours of training.
+  metrics = run(config, workdir).metrics
+  if baseline is None:
+    return metrics
+  logging.info('Training the from-scratch baseline in %s/scratch.', workdir)
+  scratch = run(baseline, os.path.join(workdir, 'scratch')).metrics
+  metrics.update({f'{k}_scratch': v for k, v in scratch.items()
+                  if k in ('accuracy_test', 'loss_test', 'train_loss')})
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'comparison.json'), 'w') as f:
+      json.dump({'steps': config.total_steps,
+                 'fine_tuned': {'pretrained_path': pretrained_path(config),
+                                'accuracy_test': metrics['accuracy_test']},
+                 'from_scratch': {'accuracy_test': scratch['accuracy_test']}},
+                f, indent=2)
+  return metrics

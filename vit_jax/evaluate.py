@@ -1,0 +1,82 @@
+r"""Evaluate a checkpoint on a config's test split: ``python -m vit_jax.evaluate``.
+
+  python -m vit_jax.evaluate --config=configs/pretrain_tiny_imagenet.py \
+      --checkpoint=checkpoints/SmallViT_8-tiny_imagenet-32px.npz
+
+The config says which model (``model_name`` + ``model``), which data
+(``dataset``, ``test_split``; override with ``--config.test_split=...``) and
+which preprocessing (``image_size``, ``pp.eval``); the checkpoint gives every
+parameter, head included. Evaluation is the training loop's own
+(`train.evaluate_split`: every example once, the last batch padded and
+masked), so the accuracy printed here for a training run's exported ``.npz``
+is the ``accuracy_test`` that run logged. At another ``image_size`` the
+position embeddings are interpolated as for fine-tuning (paper §3.2).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+if (_REPO / 'configs').is_dir() and str(_REPO) not in sys.path:
+  sys.path.insert(0, str(_REPO))
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config whose model, dataset and eval preprocessing to use.',
+    lock_config=True)
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'Official-layout .npz (local or gs://), head included.')
+_JSON = flags.DEFINE_bool('json', False, 'Print the metrics as one JSON object.')
+
+
+def evaluate_checkpoint(config, checkpoint: str) -> dict[str, float]:
+  """accuracy_test, loss_test, num_test_examples of `checkpoint` under `config`."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from vit_jax import input_pipeline, predict, sharding, train  # pylint: disable=g-import-not-at-top
+  train.validate_config(config)
+  bundle = predict.load_bundle(checkpoint, model=train.model_config(config),
+                               image_size=config.image_size)
+  num_classes = bundle.model.num_classes
+  data_classes = config.get('num_classes') or input_pipeline.get_dataset_info(config).num_classes
+  if num_classes != data_classes:
+    raise train.ConfigError(
+        f'{checkpoint} has a {num_classes}-class head but {config.dataset} has '
+        f'{data_classes} classes: evaluate a checkpoint on the label set it was '
+        f'trained on (fine-tune it first with python -m vit_jax.main).')
+  mesh = sharding.make_mesh(config.get('mesh'))
+  eval_step = jax.jit(train.make_eval_step(bundle.model))
+  return train.evaluate_split(eval_step, bundle.params, bundle.batch_stats, config,
+                              sharding.batch_sharding(mesh))
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or _CHECKPOINT.value is None:
+    raise app.UsageError('Both --config and --checkpoint are required.')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  try:
+    metrics = evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
+  except (ValueError, predict.PredictError) as e:
+    print(f'ERROR ({type(e).__name__}): {e}', file=sys.stderr)
+    sys.exit(1)
+  if _JSON.value:
+    print(json.dumps(metrics))
+  else:
+    print(f'{_CHECKPOINT.value} on {_CONFIG.value.dataset} '
+          f'{_CONFIG.value.test_split} @{_CONFIG.value.image_size}px: '
+          f'accuracy_test={metrics["accuracy_test"]:.4f} '
+          f'loss_test={metrics["loss_test"]:.4f} '
+          f'({int(metrics["num_test_examples"])} images)')
+
+
+if __name__ == '__main__':
+  app.run(main)
