@@ -20,6 +20,10 @@ fine-tuned at (e.g. 64px Tiny-ImageNet, an 8x8 grid; the position embeddings
 are interpolated, paper section 3.2). Compute decides the resolution here:
 16 tokens train at ~250 img/s on 2 cores, 64 tokens (64px) at ~60 img/s.
 
+Expected result: the val accuracy stated in
+checkpoints/SmallViT_8-tiny_imagenet-32px.md (checked there with
+`python -m vit_jax.evaluate`), after the wall time stated there.
+
 Recipe: the report's from-scratch setup (configs/scratch.py: AdamW 1e-3,
 weight decay 1e-4 per step, 10% warm-up, cosine, flip/rotation/zoom, batch
 256), for 2,400 steps = 6.1 epochs instead of 50 epochs.

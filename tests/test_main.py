@@ -31,7 +31,9 @@ def main(*args, timeout=300):
     'finetune_b16', 'finetune_b32', 'finetune_l16', 'finetune_r50_b16',
     'quickstart', 'vit:b16,cifar10', 'vit:l16,imagenet2012',
     'vit:b32,oxford_iiit_pet', 'augreg:B_16', 'augreg:S_16,cifar100',
-    'folder:/data/x', 'folder:/data/x,scratch'])
+    'folder:/data/x', 'folder:/data/x,scratch', 'pretrain_tiny_imagenet',
+    'finetune_shipped:digits', 'finetune_shipped:cifar10',
+    'finetune_shipped:tiny_imagenet'])
 def test_every_config_validates(spec):
   name, _, arg = spec.partition(':')
   module = importlib.import_module(f'configs.{name}')

@@ -159,6 +159,8 @@ def test_exported_npz_predicts_what_training_evaluated(tmp_path, capsys):
 
   data = _write_digit_folder(str(tmp_path / 'digits'))
   c = quickstart.get_config()  # its schema and optimizer; the rest is pinned here
+  c.pretrained_path = None
+  c.scratch_baseline = None
   c.dataset = f'folder:{data}'
   c.model_name = None
   c.model = ml_collections.ConfigDict({
