@@ -38,10 +38,10 @@ fi
 # Table 5 (RPT report): fine-tuning the shipped checkpoint vs. training the
 # same model from scratch, equal steps (config.scratch_baseline).
 if [[ $what == table5 || $what == all ]]; then
-  # CIFAR-10 at 32px (the checkpoint's resolution): 600 steps of batch 128.
+  # CIFAR-10 at 32px (the checkpoint's resolution): 400 steps of batch 128.
   run table5_cifar10 --config=configs/finetune_shipped.py:cifar10 \
       --config.dataset=folder:$CIFAR10_DIR
-  # Tiny-ImageNet val at 48px (pre-training was 32px): 300 steps of batch 128.
+  # Tiny-ImageNet val at 48px (pre-training was 32px): 200 steps of batch 128.
   run table5_tiny_imagenet --config=configs/finetune_shipped.py:tiny_imagenet \
       --config.dataset=folder:$TINY_IMAGENET_DIR
 fi

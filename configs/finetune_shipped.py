@@ -56,10 +56,10 @@ DATASETS = {
                'lr': 0.01, 'eval_every': 100},
     'cifar10': {'dataset': 'cifar10', 'train_split': 'train', 'test_split': 'test',
                 'num_classes': 10, 'image_size': 32, 'pp_train': 'rpt_augment',
-                'batch_size': 128, 'total_steps': 600, 'lr': 0.01, 'eval_every': 200},
+                'batch_size': 128, 'total_steps': 400, 'lr': 0.01, 'eval_every': 100},
     'tiny_imagenet': {'dataset': f'folder:{TINY_IMAGENET_DIR}', 'train_split': 'train',
                       'test_split': 'val', 'num_classes': 200, 'image_size': 48,
-                      'pp_train': 'rpt_augment', 'batch_size': 128, 'total_steps': 300,
+                      'pp_train': 'rpt_augment', 'batch_size': 128, 'total_steps': 200,
                       'lr': 0.01, 'eval_every': 100},
 }
 
