@@ -53,7 +53,7 @@ def test_labels_and_provenance():
   assert len(names) == 200 and names[0].startswith('goldfish')
   text = PROVENANCE.read_text()
   for needed in ('python -m vit_jax.main --config=configs/pretrain_tiny_imagenet.py',
-                 'python -m vit_jax.evaluate', 'wall time', 'steps'):
+                 'python -m vit_jax.evaluate', 'Wall time', 'steps'):
     assert needed in text, needed
   assert 0.005 < stated_accuracy() < 1.0  # above chance (1/200)
 
