@@ -47,13 +47,17 @@ CHECKPOINT = str(pathlib.Path(__file__).resolve().parents[1] / 'checkpoints' /
 TINY_IMAGENET_DIR = os.environ.get(
     'TINY_IMAGENET_DIR', os.path.expanduser('~/data/tiny-imagenet-200'))
 
-# Per dataset: data, resolution, augmentation, budget, fine-tuning lr.
+# Per dataset: data, resolution, augmentation, budget, fine-tuning lr (from
+# the paper's grid {0.001, 0.003, 0.01, 0.03}; only digits' was tuned, on a
+# dev split: there was no CPU time for a sweep on CIFAR / Tiny-ImageNet).
 DATASETS = {
     'digits': {'dataset': 'digits', 'train_split': 'train', 'test_split': 'test',
                'num_classes': 10, 'image_size': 40,
                # No flips or big crops: a mirrored or cropped digit is another digit.
                'pp_train': 'resize', 'batch_size': 64, 'total_steps': 300,
-               'lr': 0.01, 'eval_every': 100},
+               # Picked as the paper does (App. B.1.1), on a dev split
+               # (train[:90%] / train[90%:]): lr 0.01 -> 0.924, 0.03 -> 0.972.
+               'lr': 0.03, 'eval_every': 100},
     'cifar10': {'dataset': 'cifar10', 'train_split': 'train', 'test_split': 'test',
                 'num_classes': 10, 'image_size': 32, 'pp_train': 'rpt_augment',
                 'batch_size': 128, 'total_steps': 400, 'lr': 0.01, 'eval_every': 100},
@@ -65,7 +69,7 @@ DATASETS = {
 
 # Measured here (docs/reproduction.md): test accuracy after total_steps.
 MEASURED = {
-    'digits': {'accuracy_test': None, 'accuracy_test_scratch': None},
+    'digits': {'accuracy_test': 0.9777, 'accuracy_test_scratch': 0.9526},
     'cifar10': {'accuracy_test': None, 'accuracy_test_scratch': None},
     'tiny_imagenet': {'accuracy_test': None, 'accuracy_test_scratch': None},
 }

@@ -20,8 +20,15 @@ miniature:
    report's from-scratch recipe (AdamW 1e-3, weight decay 1e-4 per step).
 3. Prints both test accuracies.
 
-Expected result: the MEASURED numbers below (the runs are deterministic: the
-same machine gives the same numbers; another CPU may differ slightly). The
+Expected result (MEASURED below): it prints
+
+  After 300 steps, accuracy_test:
+    fine-tuned from .../checkpoints/SmallViT_8-tiny_imagenet-32px.npz: 0.9777
+    from scratch:  0.9526
+
+The runs are deterministic: the same machine gives the same numbers; another
+CPU may differ slightly. At step 100 of 300 the gap is wider (0.9526 vs
+0.7883 in the eval logs): fine-tuning gets there first. The
 workdir then holds the fine-tuned `SmallViT_8.npz` (official layout),
 labels.txt, config.json, comparison.json, orbax checkpoints and TensorBoard
 events; workdir/scratch the same for the baseline.
@@ -31,9 +38,10 @@ import ml_collections
 
 from configs import finetune_shipped
 
-# Measured on 2 CPU cores with the command above; checked by
-# tests/test_train_slow.py.
-MEASURED = dict(finetune_shipped.MEASURED['digits'], seconds=None)
+# Measured with the command above (fine-tuned 351 / 359 test digits, from
+# scratch 342 / 359; chance 0.10); checked by tests/test_train_slow.py. The
+# 881 s wall were on 2 CPU cores shared with three other training runs.
+MEASURED = dict(finetune_shipped.MEASURED['digits'], seconds=881)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
