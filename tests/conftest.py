@@ -37,3 +37,11 @@ def shared_dir() -> pathlib.Path:
 def golden_dir() -> pathlib.Path:
   return shared_dir() / 'golden'
 
+
+def tiny_config():
+  """tests/_tiny_config.py's config: a seconds-fast 1-layer ViT on digits."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('_tiny_config', REPO / 'tests' / '_tiny_config.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

@@ -2,7 +2,6 @@
 (config.scratch_baseline), on the 1-layer digits ViT of tests/_tiny_config.py.
 """
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,19 +9,12 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import REPO, SUBPROCESS_ENV, tiny_config
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import evaluate, train
 
 BASELINE = {'lr': {'base': 0.02}, 'optim': {'name': 'adamw', 'weight_decay': 0.1}}
-
-
-def tiny_config() -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location('_tiny_config', REPO / 'tests/_tiny_config.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 @pytest.fixture(scope='module')

@@ -5,7 +5,6 @@ The subprocess tests launch `python -m vit_jax.main` exactly as a user would
 and compare its `metrics.jsonl` / exported `.npz` with an in-process run.
 """
 
-import importlib.util
 import json
 import math
 import os
@@ -23,7 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, SUBPROCESS_ENV, golden_dir
+from conftest import REPO, SUBPROCESS_ENV, golden_dir, tiny_config
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import models, optim, train
@@ -40,13 +39,6 @@ def _compile_cache(tmp_path_factory):
   ENV['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
   ENV['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   ENV['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
-
-
-def tiny_config() -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location('_tiny_config', REPO / TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def main_cmd(workdir, *overrides):
