@@ -51,7 +51,8 @@ def plot(runs: list[tuple[str, str]], out: str, title: str = '') -> None:
   ax_acc.set(xlabel='step', ylabel='test accuracy', title='test accuracy')
   for ax in (ax_loss, ax_acc):
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # e.g. a run with no eval yet
+      ax.legend(fontsize=8)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
