@@ -35,18 +35,21 @@ transfer to new classes; CIFAR-10 and digits do.
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 import ml_collections
 
-from configs import common
+from configs import common, scratch
 
 CHECKPOINT = str(pathlib.Path(__file__).resolve().parents[1] / 'checkpoints' /
                  'SmallViT_8-tiny_imagenet-32px.npz')
 
-TINY_IMAGENET_DIR = os.environ.get(
-    'TINY_IMAGENET_DIR', os.path.expanduser('~/data/tiny-imagenet-200'))
+
+
+def _data(name: str) -> dict:
+  """Source, splits and classes of a dataset as configs/scratch.py reads it."""
+  return {k: scratch.DATASETS[name][k]
+          for k in ('dataset', 'train_split', 'test_split', 'num_classes')}
 
 # Per dataset: data, resolution, augmentation, budget, fine-tuning lr (from
 # the paper's grid {0.001, 0.003, 0.01, 0.03}; only digits' was tuned, on a
@@ -59,11 +62,10 @@ DATASETS = {
                # Picked as the paper does (App. B.1.1), on a dev split
                # (train[:90%] / train[90%:]): lr 0.01 -> 0.924, 0.03 -> 0.972.
                'lr': 0.03, 'eval_every': 100},
-    'cifar10': {'dataset': 'cifar10', 'train_split': 'train', 'test_split': 'test',
-                'num_classes': 10, 'image_size': 32, 'pp_train': 'rpt_augment',
+    'cifar10': {**_data('cifar10'), 'image_size': 32, 'pp_train': 'rpt_augment',
                 'batch_size': 128, 'total_steps': 400, 'lr': 0.01, 'eval_every': 100},
-    'tiny_imagenet': {'dataset': f'folder:{TINY_IMAGENET_DIR}', 'train_split': 'train',
-                      'test_split': 'val', 'num_classes': 200, 'image_size': 48,
+    # $TINY_IMAGENET_DIR, as in configs/scratch.py.
+    'tiny_imagenet': {**_data('tiny_imagenet'), 'image_size': 48,
                       'pp_train': 'rpt_augment', 'batch_size': 128, 'total_steps': 200,
                       'lr': 0.01, 'eval_every': 100},
 }
