@@ -45,3 +45,31 @@ def tiny_config():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def extract_once(archive: str, name: str, keep=lambda member: True) -> pathlib.Path:
+  """Extracts the members of ../shared/data/<archive> that `keep` accepts, once.
+
+  Into <cache>/<name> ($VIT_JAX_TEST_CACHE, default ~/.cache/vit_jax_test),
+  never into the repository; later calls reuse it. Skips without ../shared.
+  """
+  import tarfile
+  path = shared_dir() / 'data' / archive
+  if not path.is_file():
+    pytest.skip(f'{path} not found')
+  out = pathlib.Path(os.environ.get(
+      'VIT_JAX_TEST_CACHE', pathlib.Path.home() / '.cache' / 'vit_jax_test')) / name
+  done = out / '.extracted'
+  if not done.exists():
+    out.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path) as tar:
+      tar.extractall(out, members=[m for m in tar if keep(m)], filter='data')
+    done.touch()
+  return out
+
+
+def tiny_imagenet_val_dir() -> pathlib.Path:
+  """Tiny-ImageNet's val split and class list (~10k files; train is not needed)."""
+  keep = ('tiny-imagenet-200/val/', 'tiny-imagenet-200/wnids.txt', 'tiny-imagenet-200/words.txt')
+  return extract_once('tiny-imagenet-200.tar.gz', 'tiny_imagenet_val',
+                      lambda m: m.name.startswith(keep)) / 'tiny-imagenet-200'

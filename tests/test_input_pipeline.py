@@ -3,12 +3,11 @@ shards, padded/masked evaluation, clear errors, and the real CIFAR-10 test split
 
 import os
 import pathlib
-import tarfile
 
 import ml_collections
 import numpy as np
 import pytest
-from conftest import shared_dir
+from conftest import extract_once, tiny_imagenet_val_dir
 from PIL import Image
 
 from vit_jax import input_pipeline as ip
@@ -259,24 +258,10 @@ def test_to_global_makes_jax_arrays():
   np.testing.assert_array_equal(np.asarray(out['label']), batch['label'])
 
 
-def _cache_root() -> pathlib.Path:
-  return pathlib.Path(os.environ.get('VIT_JAX_TEST_CACHE', pathlib.Path.home() / '.cache' / 'vit_jax_test'))
-
-
 def _cifar_test_dir() -> pathlib.Path:
-  """Extracts CIFAR-10's test split from ../shared/data once into ~/.cache/vit_jax_test."""
-  archive = shared_dir() / 'data' / 'cifar10_jpeg.tar.gz'
-  if not archive.is_file():
-    pytest.skip(f'{archive} not found')
-  out = _cache_root() / 'cifar10_jpeg'
-  done = out / '.test_extracted'
-  if not done.exists():
-    out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-      members = [m for m in tar if m.name.startswith(('test/', './test/'))]
-      tar.extractall(out, members=members, filter='data')
-    done.touch()
-  return out
+  """CIFAR-10's test split from ../shared/data, extracted once into the test cache."""
+  return extract_once('cifar10_jpeg.tar.gz', 'cifar10_jpeg_test',
+                      lambda m: m.name.startswith(('test/', './test/')))
 
 
 def test_real_cifar10_test_split_is_scored_completely():
@@ -300,18 +285,7 @@ def test_real_cifar10_test_split_is_scored_completely():
 
 
 def test_real_tiny_imagenet_val_split():
-  archive = shared_dir() / 'data' / 'tiny-imagenet-200.tar.gz'
-  if not archive.is_file():
-    pytest.skip(f'{archive} not found')
-  out = _cache_root() / 'tiny_imagenet'
-  done = out / '.val_extracted'
-  if not done.exists():  # val + class list only (~10k files); train is not needed for this check
-    out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-      keep = ('tiny-imagenet-200/val/', 'tiny-imagenet-200/wnids.txt', 'tiny-imagenet-200/words.txt')
-      tar.extractall(out, members=[m for m in tar if m.name.startswith(keep)], filter='data')
-    done.touch()
-  root = out / 'tiny-imagenet-200'
+  root = tiny_imagenet_val_dir()
   c = _config(dataset=f'folder:{root}', train_split='val', test_split='val', image_size=8, batch_size_eval=1000,
               pp={'train': 'resize', 'eval': 'resize'})
   info = ip.get_dataset_info(c)

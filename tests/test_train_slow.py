@@ -9,14 +9,12 @@
 
 import importlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
-import tarfile
 
 import pytest
-from conftest import REPO, SUBPROCESS_ENV, shared_dir
+from conftest import REPO, SUBPROCESS_ENV, extract_once
 
 ENV = SUBPROCESS_ENV
 CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
@@ -24,24 +22,16 @@ CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
 
 
 def cifar10_subset(per_class_train: int = 500, per_class_test: int = 100) -> pathlib.Path:
-  """Extracts the first N images per class of each split once, into a cache."""
-  archive = shared_dir() / 'data' / 'cifar10_jpeg.tar.gz'
-  cache = pathlib.Path(os.environ.get(
-      'VIT_JAX_TEST_CACHE', pathlib.Path.home() / '.cache' / 'vit_jax_test'))
-  out = cache / f'cifar10_subset_{per_class_train}_{per_class_test}'
-  done = out / '.extracted'
-  if not done.exists():
-    limit = {'train': per_class_train, 'test': per_class_test}
-    with tarfile.open(archive) as tar:
-      members = []
-      for m in tar:
-        parts = m.name.lstrip('./').split('/')
-        if m.isfile() and len(parts) == 3 and parts[0] in limit and \
-            int(parts[2].split('.')[0]) < limit[parts[0]]:
-          members.append(m)
-      tar.extractall(out, members=members, filter='data')
-    done.touch()
-  return out
+  """The first N images per class of each split, extracted once into the test cache."""
+  limit = {'train': per_class_train, 'test': per_class_test}
+
+  def keep(m) -> bool:
+    parts = m.name.lstrip('./').split('/')
+    return (m.isfile() and len(parts) == 3 and parts[0] in limit and
+            int(parts[2].split('.')[0]) < limit[parts[0]])
+
+  return extract_once('cifar10_jpeg.tar.gz',
+                      f'cifar10_subset_{per_class_train}_{per_class_test}', keep)
 
 
 def run_main(workdir, config, *overrides, timeout=1800):
