@@ -17,7 +17,9 @@ stops training with the key's name):
                     <pretrained_dir>/<model_name>.npz, i.e.
                     gs://vit_models/imagenet21k/ViT-B_16.npz; a local path
                     works); None trains from scratch. Never silently random.
-  dataset           TFDS name | 'folder:<root>' | 'digits'
+  dataset           TFDS name | 'folder:<root>' | 'digits' | 'synthetic'
+                    (fixed random images made on the device, num_classes
+                    classes: times the loop without data or TensorFlow)
   tfds_data_dir, tfds_download, train_split, test_split, num_classes
   image_size        training/eval resolution (paper: 384 for fine-tuning)
   pp                train: 'inception_crop' | 'rpt_augment' | 'resize';
@@ -30,6 +32,9 @@ stops training with the key's name):
   optim             name 'sgd' | 'adamw', momentum, momentum_dtype,
                     weight_decay, grad_clip_norm (None = off), b1, b2
   label_smoothing
+  dtype             'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' |
+                    'bfloat16': computation dtype; params, optimizer state,
+                    LayerNorm statistics, softmax, logits and loss stay f32
   log_every, eval_every, checkpoint_every, keep_checkpoints
   mesh              data (-1 = all devices), fsdp (>1 shards params and
                     optimizer state), min_size (smaller arrays stay
@@ -119,6 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
       'name': 'sgd', 'momentum': 0.9, 'momentum_dtype': 'bfloat16', 'weight_decay': 0.0,
       'grad_clip_norm': 1.0})
   c.label_smoothing = 0.0
+  c.dtype = 'auto'
 
   c.log_every = 10
   c.eval_every = 100

@@ -24,6 +24,7 @@ the data position restored; the fine-tuned weights are exported.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -95,6 +96,7 @@ _SCHEMA: dict[str, tuple[type, ...]] = {
     'optim.momentum_dtype': (str,),
     'optim.weight_decay': _NUM + (type(None),),
     'optim.grad_clip_norm': _NUM + (type(None),),
+    'dtype': (str,),
 }
 _REQUIRED = ('dataset', 'train_split', 'test_split', 'image_size',
              'batch_size', 'total_steps', 'lr.base')
@@ -146,6 +148,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if accum < 1 or config.batch_size % accum:
     raise ConfigError(f'config.batch_size={config.batch_size} must be a '
                       f'multiple of config.accum_steps={accum}.')
+  if config.get('dtype', 'auto') not in models.DTYPES:
+    raise ConfigError(f'config.dtype must be one of {models.DTYPES}, got '
+                      f'{config.dtype!r}.')
 
 
 def _check_batch_fits_devices(config: ml_collections.ConfigDict,
@@ -190,8 +195,42 @@ def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
+  """(module, model config); computes in `config.dtype` (models.resolve_dtype)."""
   mc = model_config(config)
-  return models.get_model(mc, num_classes=num_classes), mc
+  return models.get_model(mc, num_classes=num_classes,
+                          dtype=config.get('dtype', 'auto')), mc
+
+
+# ---------------------------------------------------------------------------
+# Data: tf.data from input_pipeline, or `synthetic` (no TensorFlow at all).
+# ---------------------------------------------------------------------------
+
+def data_module(config: ml_collections.ConfigDict):
+  """The module that serves config.dataset: `synthetic` or `input_pipeline`.
+
+  Both offer get_dataset_info, make_train_iter, make_eval_iter, to_global.
+  """
+  # pylint: disable=g-import-not-at-top
+  if config.dataset == 'synthetic':
+    from vit_jax import synthetic
+    return synthetic
+  from vit_jax import input_pipeline  # TensorFlow comes in here.
+  return input_pipeline
+
+
+def device_prefetch(batches, size: int = 2):
+  """Keeps `size` batches on the devices ahead of the step that uses them.
+
+  The host-to-device copy of batch k+1 (an async `device_put` inside
+  `to_global`) then overlaps step k instead of following it.
+  """
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(batch)
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 # ---------------------------------------------------------------------------
@@ -278,10 +317,10 @@ def evaluate_split(eval_step: Callable, params: Any, batch_stats: Any,
   One pass of input_pipeline.make_eval_iter (padded last batch, masked), so
   the count is exact; used by the training loop and by vit_jax.evaluate.
   """
-  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  data = data_module(config)
   sums = None
-  for batch in input_pipeline.make_eval_iter(config, split):
-    out = eval_step(params, batch_stats, input_pipeline.to_global(batch, batch_sh))
+  for batch in data.make_eval_iter(config, split):
+    out = eval_step(params, batch_stats, data.to_global(batch, batch_sh))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   sums = {k: float(v) for k, v in sharding.to_host(sums).items()}
   return {'accuracy_test': sums['correct'] / sums['count'],
@@ -446,17 +485,46 @@ class MetricLog:
     self._path = jsonl_path
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    self._writer.write_scalars(step, scalars)
+    if self._writer is not None:
+      self._writer.write_scalars(step, scalars)
     if self._path:
       with open(self._path, 'a') as f:
         f.write(json.dumps({'step': int(step),
                             **{k: float(v) for k, v in scalars.items()}}) + '\n')
 
   def flush(self) -> None:
-    self._writer.flush()
+    if self._writer is not None:
+      self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()
+
+
+def _metric_writer(workdir: str, is_main: bool):
+  """clu's TensorBoard + logging writer; logging only where TensorFlow is absent."""
+  # pylint: disable=g-import-not-at-top
+  try:
+    from clu import metric_writers
+  except ImportError:  # clu's writers import TensorFlow.
+    logging.warning('TensorFlow is not installed: no TensorBoard events; '
+                    'metrics go to metrics.jsonl and the log lines.')
+    return None
+  return metric_writers.create_default_writer(
+      workdir, just_logging=not is_main, asynchronous=False)
+
+
+def write_run_info(workdir: str, model: Any) -> None:
+  """<workdir>/run_info.json: the resolved dtype and where the run ran."""
+  dtype = jnp.dtype(getattr(model, 'dtype', jnp.float32)).name
+  device = jax.devices()[0]
+  logging.info('Computing in %s on %d %s device(s) (%s).', dtype, jax.device_count(),
+               device.platform, device.device_kind)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'run_info.json'), 'w') as f:
+      json.dump({'dtype': dtype, 'platform': device.platform,
+                 'device_kind': device.device_kind, 'device_count': jax.device_count(),
+                 'process_count': jax.process_count(), 'jax': jax.__version__}, f, indent=2)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -480,18 +548,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   # TensorFlow comes in with the data and clu's TensorBoard writer: slow
   # imports, so only after the quick checks.
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
 
-  from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  data = data_module(config)
   is_main = jax.process_index() == 0
   total_steps = config.total_steps
   log_every = config.get('log_every', 10) or 10
   eval_every = config.get('eval_every') or 0
   ckpt_every = config.get('checkpoint_every') or 0
-  writer = MetricLog(
-      metric_writers.create_default_writer(
-          workdir, just_logging=not is_main, asynchronous=False),
-      os.path.join(workdir, 'metrics.jsonl') if is_main else None)
+  writer = MetricLog(_metric_writer(workdir, is_main),
+                     os.path.join(workdir, 'metrics.jsonl') if is_main else None)
 
   # ========================= Mesh =========================
   mesh = sharding.make_mesh(config.get('mesh'))
@@ -502,7 +567,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                mesh.size, jax.process_count())
 
   # ========================= Data =========================
-  info = input_pipeline.get_dataset_info(config)
+  info = data.get_dataset_info(config)
   num_classes = config.get('num_classes') or info.num_classes
   if is_main:
     with open(os.path.join(workdir, 'labels.txt'), 'w') as f:
@@ -513,6 +578,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   # ========================= Model =========================
   model, mc = build_model(config, num_classes)
   teacher = load_teacher(config, num_classes)
+  write_run_info(workdir, model)
 
   # ========================= Optimizer =========================
   schedule = optim.schedule_from_config(config)
@@ -618,10 +684,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     return {k: float(np.mean([m[k] for _, m in fetched]))
             for k in fetched[0][1]} if fetched else {}
 
-  train_iter = (input_pipeline.make_train_iter(config, start_step=start_step)
+  train_iter = (device_prefetch(data.to_global(b, batch_sh) for b in
+                                data.make_train_iter(config, start_step=start_step))
                 if start_step < total_steps else None)
   for step in range(start_step + 1, total_steps + 1):
-    batch = input_pipeline.to_global(next(train_iter), batch_sh)
+    batch = next(train_iter)
     if step == start_step + 1:
       logging.info('Compiling the train step (the first step includes it)...')
       compile_start = time.perf_counter()

@@ -26,6 +26,14 @@ Dtype = Any
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled', 'distill')
 POSEMBS = ('learn', 'sincos2d', 'none')
+# 'auto': cuDNN flash attention where it applies (GPU, bf16/fp16), else einsum.
+ATTENTIONS = ('auto', 'einsum', 'xla', 'cudnn')
+# The cuDNN kernel wants the token axis padded: ViT's 197 / 577 tokens become
+# 256 / 640, the padded keys masked through `key_value_seq_lengths`.
+ATTENTION_PAD_MULTIPLE = 64
+# Rematerialisation policies for `remat` (besides 'full': save nothing).
+REMAT_POLICIES = ('full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
+                  'nothing_saveable', 'everything_saveable')
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -102,6 +110,40 @@ def _out_init(key, shape, dtype=jnp.float32):
   return nn.initializers.xavier_uniform()(key, (h * hd, d), dtype).reshape(shape)
 
 
+def _resolve_attention(attention: str, dtype: Dtype) -> str:
+  """'auto' -> 'cudnn' on a GPU with a 16-bit dtype, else 'einsum'."""
+  if attention not in ATTENTIONS:
+    raise ValueError(f'attention must be one of {ATTENTIONS}, got {attention!r}')
+  if attention != 'auto':
+    return attention
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  return 'cudnn' if half and jax.default_backend() == 'gpu' else 'einsum'
+
+
+def padded_attention(q: Array, k: Array, v: Array, *, implementation: str,
+                     pad_multiple: int | None = None) -> Array:
+  """softmax(q k^T / sqrt(hd)) v through `jax.nn.dot_product_attention`.
+
+  q, k, v: (B, T, H, hd). The token axis is padded to a multiple of
+  `pad_multiple` (default ATTENTION_PAD_MULTIPLE), the padded keys are masked
+  by their length, and the padded queries are sliced off the output, so the
+  result equals unpadded attention. `implementation` is 'cudnn' (flash
+  attention on NVIDIA GPUs) or 'xla' (the same maths on any backend; the CPU
+  tests check it against the einsum path).
+  """
+  b, t = q.shape[:2]
+  multiple = pad_multiple or ATTENTION_PAD_MULTIPLE
+  padded = -(-t // multiple) * multiple
+  if padded != t:
+    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
+  lengths = jnp.full((b,), t, jnp.int32)
+  out = jax.nn.dot_product_attention(
+      q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+      implementation=implementation)
+  return out[:, :t]
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Multi-head self-attention, parameter-compatible with the original.
 
@@ -109,11 +151,17 @@ class MultiHeadDotProductAttention(nn.Module):
   scaled by 1/sqrt(head_dim). `locality=True` is the Locality Self-Attention of
   SL-ViT (Lee et al. 2021): a learnable temperature (init sqrt(head_dim)) and
   the diagonal (each token's attention to itself) masked out.
+
+  `attention` picks the kernel (ATTENTIONS): the fused `padded_attention`
+  needs no attention weights, so the einsum path is kept for `locality`, for
+  attention dropout at train time, and whenever the caller asks for the
+  `intermediates` collection (the analysis tools read the weights).
   """
   num_heads: int
   dropout_rate: float = 0.
   locality: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
@@ -128,12 +176,21 @@ class MultiHeadDotProductAttention(nn.Module):
     v_w, v_b = _Weights(**shapes, name='value')()
     o_w, o_b = _Weights((self.num_heads, hd, d), (d,), _out_init, name='out')()
 
+    w = jnp.stack([q_w, k_w, v_w], axis=1).astype(self.dtype)    # (D, 3, H, hd)
+    b = jnp.stack([q_b, k_b, v_b], axis=0).astype(self.dtype)    # (3, H, hd)
+    impl = _resolve_attention(self.attention, self.dtype)
+    dropout = not deterministic and self.dropout_rate > 0
+    if (impl != 'einsum' and not self.locality and not dropout
+        and not self.is_mutable_collection('intermediates')):
+      # Token-major (k, b, t, h, e): the layout of jax.nn.dot_product_attention.
+      qkv = jnp.einsum('btd,dkhe->kbthe', x.astype(self.dtype), w) + b[:, None, None]
+      out = padded_attention(qkv[0], qkv[1], qkv[2], implementation=impl)
+      return jnp.einsum('bthe,hed->btd', out, o_w.astype(self.dtype)) + o_b.astype(self.dtype)
+
     # One fused matmul for q, k and v, written heads-major (k, b, h, t, e) so
     # the two attention matmuls below have leading batch dims (b, h) and need
     # no transposes: ~1.8x faster inference on CPU for many narrow heads
     # (SmallViT: 12 heads of 16), neutral for ViT-Ti/B (benchmarks/RESULTS.md).
-    w = jnp.stack([q_w, k_w, v_w], axis=1).astype(self.dtype)    # (D, 3, H, hd)
-    b = jnp.stack([q_b, k_b, v_b], axis=0).astype(self.dtype)    # (3, H, hd)
     qkv = jnp.einsum('btd,dkhe->kbhte', x.astype(self.dtype), w) + b[:, None, :, None]
     q, k, v = qkv[0], qkv[1], qkv[2]                             # (B, H, T, hd)
 
@@ -146,7 +203,7 @@ class MultiHeadDotProductAttention(nn.Module):
       logits = jnp.einsum('bhqe,bhke->bhqk', q / np.sqrt(hd).astype(self.dtype), k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     self.sow('intermediates', 'attention_weights', weights)
-    if not deterministic and self.dropout_rate > 0:
+    if dropout:
       weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
     out = jnp.einsum('bhqk,bhke->bhqe', weights, v)
     return jnp.einsum('bhqe,hed->bqd', out, o_w.astype(self.dtype)) + o_b.astype(self.dtype)
@@ -177,13 +234,14 @@ class Encoder1DBlock(nn.Module):
   attention_dropout_rate: float = 0.1
   locality_attention: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
 
   @nn.compact
-  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+  def __call__(self, x: Array, deterministic: bool) -> Array:
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
     y = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-        locality=self.locality_attention, dtype=self.dtype,
+        locality=self.locality_attention, dtype=self.dtype, attention=self.attention,
         name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_2')(x)
@@ -204,6 +262,8 @@ class Encoder(nn.Module):
   grid: tuple[int, int] = (0, 0)
   num_prefix_tokens: int = 0
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
+  remat: str | None = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -217,12 +277,21 @@ class Encoder(nn.Module):
       raise ValueError(f'posemb must be one of {POSEMBS}, got {self.posemb!r}')
     self.sow('intermediates', 'encoder_input', x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    block = Encoder1DBlock
+    if self.remat:
+      # Recompute each block's activations in the backward pass instead of
+      # keeping them (memory for big models); the parameter tree is unchanged.
+      if self.remat not in REMAT_POLICIES:
+        raise ValueError(f'remat must be None or one of {REMAT_POLICIES}, got {self.remat!r}')
+      policy = (None if self.remat == 'full'
+                else getattr(jax.checkpoint_policies, self.remat))
+      block = nn.remat(Encoder1DBlock, policy=policy, static_argnums=(2,))
     for i in range(self.num_layers):
-      x = Encoder1DBlock(
+      x = block(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate,
           locality_attention=self.locality_attention, dtype=self.dtype,
-          name=f'encoderblock_{i}')(x, deterministic=not train)
+          attention=self.attention, name=f'encoderblock_{i}')(x, not train)
       self.sow('intermediates', 'block_outputs', x)
     return nn.LayerNorm(epsilon=1e-6, name='encoder_norm')(x.astype(jnp.float32))
 
@@ -244,7 +313,14 @@ class VisionTransformer(nn.Module):
       outputs), 'distill' (DeiT: class + distillation tokens).
     posemb: 'learn' (default), 'sincos2d' (fixed) or 'none' (paper App. D.4).
     tokenizer: None (patch conv) or a dict {'type': 'spt' | 'rpt', ...}.
-    dtype: computation dtype (params stay float32).
+    dtype: computation dtype (params stay float32). With bfloat16 the
+      matmuls and convolutions run in bf16; LayerNorm statistics, the
+      softmax, `encoder_norm`, `pre_logits`, the head and so the logits stay
+      float32.
+    attention: attention kernel, one of ATTENTIONS ('auto': cuDNN flash
+      attention on GPUs in bf16/fp16, the einsum path elsewhere).
+    remat: None, or a policy of REMAT_POLICIES: recompute each encoder block
+      in the backward pass (memory for ViT-L/H at 384).
   """
   num_classes: int | None
   patches: Any
@@ -258,6 +334,8 @@ class VisionTransformer(nn.Module):
   posemb: str = 'learn'
   tokenizer: Any | None = None
   dtype: Dtype = jnp.float32
+  attention: str = 'auto'
+  remat: str | None = None
 
   @nn.compact
   def __call__(self, inputs: Array, *, train: bool = False) -> Array:
@@ -302,7 +380,7 @@ class VisionTransformer(nn.Module):
         attention_dropout_rate=_get(t, 'attention_dropout_rate', 0.),
         locality_attention=bool(_get(t, 'locality_attention', False)),
         posemb=self.posemb, grid=(h, w), num_prefix_tokens=num_prefix, dtype=self.dtype,
-        name='Transformer')(x, train=train)
+        attention=self.attention, remat=self.remat, name='Transformer')(x, train=train)
     self.sow('intermediates', 'encoder_out', x)
 
     if self.classifier in ('token', 'distill'):
