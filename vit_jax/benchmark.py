@@ -18,9 +18,11 @@ How it measures (and why):
 - Each repeat times one call with ``block_until_ready``; the reported figure is
   ``batch / median(call times)``. The median resists the bursts of host noise
   seen on shared machines.
-- ``--train`` times a real training step: forward, backward (``jax.grad`` of
-  softmax cross-entropy) and an optax SGD-momentum update with the state
-  donated, as the training loop does. BatchNorm models update ``batch_stats``.
+- ``--train`` times the training loop's own step (``train.make_train_step``:
+  forward, backward, gradient accumulation, clipping, the optax update with
+  the state donated) under the paper's fine-tuning recipe
+  (``FINETUNE_RECIPE``), or under ``--config``'s recipe. BatchNorm models
+  update ``batch_stats``.
 - Images live on the first device, so the figure is per device (the original's
   ``img_sec_core``); on a CPU the one device spans all host cores.
 """
@@ -37,9 +39,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+from vit_jax import models
+
 _COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
 
@@ -148,44 +150,28 @@ def _num_params(params: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
-def _loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  # DeiT returns (B, 2, C) at train time: both heads get the label here.
-  if logits.ndim == 3:
-    labels = jnp.broadcast_to(labels[:, None], logits.shape[:2])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+# The step that `--train` times is the training loop's own
+# (`train.make_train_step`: gradient accumulation, clipping, schedule) under
+# the paper's fine-tuning recipe (App. B.1.1): SGD momentum 0.9 with the
+# momentum in bf16 (as configs/common.py), global-norm clipping at 1, warmup
+# + cosine. `--config=...` times that config's own recipe instead.
+FINETUNE_RECIPE = {
+    'optim': {'name': 'sgd', 'momentum': 0.9, 'momentum_dtype': 'bfloat16',
+              'grad_clip_norm': 1.0, 'weight_decay': 0.0},
+    'lr': {'base': 0.01, 'warmup_steps': 500, 'decay_type': 'cosine'},
+    'total_steps': 10_000, 'accum_steps': 1, 'label_smoothing': 0.0,
+}
 
 
-def make_train_step(model: Any, tx: optax.GradientTransformation) -> Callable:
-  """Returns step(state, images, labels, rng) -> (state, loss), one SGD step.
-
-  `state` = {'params', 'opt_state'} plus 'batch_stats' for BatchNorm models.
-  """
-
-  def step(state, images, labels, rng):
-    extra = {'batch_stats': state['batch_stats']} if 'batch_stats' in state else {}
-    rngs = {name: jax.random.fold_in(rng, i) for i, name in enumerate(_RNG_NAMES)}
-
-    def loss_fn(params):
-      if extra:
-        logits, new_vars = model.apply({'params': params, **extra}, images, train=True,
-                                       rngs=rngs, mutable=['batch_stats'])
-        return _loss(logits, labels), new_vars
-      logits = model.apply({'params': params}, images, train=True, rngs=rngs)
-      return _loss(logits, labels), {}
-
-    (loss, new_vars), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    new_state = dict(state, params=optax.apply_updates(state['params'], updates),
-                     opt_state=opt_state)
-    if extra:
-      new_state['batch_stats'] = new_vars['batch_stats']
-    return new_state, loss
-
-  return step
-
-
-# Random streams a model may draw from at train time (dropout; the RPT angle).
-_RNG_NAMES = ('dropout', 'rpt', 'augment')
+def train_recipe(config: Any = None) -> Any:
+  """The ConfigDict whose optim / lr / accum_steps the timed step uses."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  recipe = ml_collections.ConfigDict(FINETUNE_RECIPE)
+  if config is not None:
+    for key in FINETUNE_RECIPE:
+      if config.get(key) is not None:
+        recipe[key] = config[key]
+  return recipe
 
 
 @dataclasses.dataclass
@@ -197,11 +183,13 @@ class CompiledStep:
 
 
 def compile_step(model: Any, variables: dict[str, Any], *, batch: int, resolution: int,
-                 train: bool = False, num_classes: int = 1000) -> CompiledStep:
-  """Compiles (ahead of time, timed) one inference or SGD training step on device 0.
+                 train: bool = False, num_classes: int = 1000,
+                 recipe: Any = None) -> CompiledStep:
+  """Compiles (ahead of time, timed) one inference or training step on device 0.
 
   Inputs are fixed random images in [-1, 1] (and random labels): throughput
   does not depend on pixel values. `variables` = {'params', ['batch_stats']}.
+  The training step is `train.make_train_step` under `train_recipe(recipe)`.
   """
   if batch < 1 or resolution < 1:
     raise ValueError(f'batch and resolution must be positive, got {batch}, {resolution}')
@@ -210,20 +198,25 @@ def compile_step(model: Any, variables: dict[str, Any], *, batch: int, resolutio
   variables = jax.device_put(variables, jax.devices()[0])
 
   if train:
+    from vit_jax import optim, train as train_lib  # pylint: disable=g-import-not-at-top
+    recipe = train_recipe(recipe)
     labels = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, num_classes)
-    tx = optax.sgd(1e-3, momentum=0.9)
+    batch_arrays = {'image': images, 'label': labels}
+    schedule = optim.schedule_from_config(recipe)
+    tx = optim.make_optimizer(recipe.optim, schedule)
     # The step donates its state: work on a copy so the caller's arrays survive.
-    state = jax.tree.map(jnp.copy, dict(variables, opt_state=tx.init(variables['params'])))
-    step_fn = jax.jit(make_train_step(model, tx), donate_argnums=0)
+    state = jax.tree.map(jnp.copy, dict(variables, step=jnp.zeros((), jnp.int32),
+                                        opt_state=tx.init(variables['params'])))
+    step_fn = jax.jit(train_lib.make_train_step(model, tx, schedule, recipe),
+                      donate_argnums=0)
     start = time.perf_counter()
-    compiled = step_fn.lower(state, images, labels, key).compile()
+    compiled = step_fn.lower(state, batch_arrays, key).compile()
     compile_s = time.perf_counter() - start
-    box = {'state': state, 'i': 0}
+    box = {'state': state}
 
     def call():
-      box['i'] += 1
-      box['state'], loss = compiled(box['state'], images, labels, jax.random.fold_in(key, box['i']))
-      return loss
+      box['state'], metrics = compiled(box['state'], batch_arrays, key)
+      return metrics['train_loss']
   else:
     apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
     start = time.perf_counter()
@@ -238,19 +231,20 @@ def compile_step(model: Any, variables: dict[str, Any], *, batch: int, resolutio
 
 def benchmark(model: Any, variables: dict[str, Any], *, batch: int, resolution: int,
               train: bool = False, repeats: int = 10, warmup: int = 1,
-              num_classes: int = 1000, name: str = 'model', dtype: str = 'float32',
+              num_classes: int = 1000, name: str = 'model', recipe: Any = None,
               timer: Callable[[], float] = time.perf_counter) -> Result:
   """Measures `model`'s inference (or training) images/sec on one device.
 
   `variables` is {'params': ..., ['batch_stats': ...]} as returned by init.
   """
   step = compile_step(model, variables, batch=batch, resolution=resolution, train=train,
-                      num_classes=num_classes)
+                      num_classes=num_classes, recipe=recipe)
   times = time_calls(step.call, repeats, warmup, timer)
   device = jax.devices()[0]
   return Result(
       name=name, mode='train' if train else 'inference', batch=batch, resolution=resolution,
-      dtype=dtype, num_params=_num_params(variables['params']), compile_s=step.compile_s,
+      dtype=jnp.dtype(getattr(model, 'dtype', jnp.float32)).name,
+      num_params=_num_params(variables['params']), compile_s=step.compile_s,
       step_times=times, images_per_sec=batch / statistics.median(times),
       gflops_per_image=step.flops / batch / 1e9 if step.flops else None,
       device=f'{device.platform}:{device.device_kind}')
@@ -270,29 +264,27 @@ def model_config_from_experiment(config: Any) -> tuple[Any, str]:
   return merged, config.get('model_name') or merged['model_name']
 
 
-def build(model_config: Any, *, num_classes: int, resolution: int, dtype: str = 'float32',
-          seed: int = 0) -> tuple[Any, dict[str, Any]]:
-  """Returns (module, variables) for a preset name or a model config dict."""
-  from vit_jax import models  # pylint: disable=g-import-not-at-top
-  if dtype not in DTYPES:
-    raise ValueError(f'dtype must be one of {sorted(DTYPES)}, got {dtype!r}')
-  overrides = {} if dtype == 'float32' else {'dtype': DTYPES[dtype]}
-  try:
-    model = models.get_model(model_config, num_classes=num_classes, **overrides)
-  except TypeError as e:
-    raise ValueError(f'This model does not take a dtype (--dtype={dtype}): {e}') from e
+def build(model_config: Any, *, num_classes: int, resolution: int, dtype: str = 'auto',
+          seed: int = 0, **overrides: Any) -> tuple[Any, dict[str, Any]]:
+  """(module, variables) for a preset name or a model config dict.
+
+  `dtype` as `models.resolve_dtype`; `overrides` replace model fields (e.g.
+  attention='einsum', remat='full').
+  """
+  model = models.get_model(model_config, num_classes=num_classes, dtype=dtype, **overrides)
   x = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
   variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(seed))
   return model, dict(variables)
 
 
 def run(model_config: Any, *, name: str, batch: int, resolution: int, train: bool = False,
-        repeats: int = 10, dtype: str = 'float32', num_classes: int = 1000) -> Result:
+        repeats: int = 10, dtype: str = 'auto', num_classes: int = 1000,
+        recipe: Any = None) -> Result:
   """build + benchmark: the CLI's work, importable from scripts."""
   model, variables = build(model_config, num_classes=num_classes, resolution=resolution,
                            dtype=dtype)
   return benchmark(model, variables, batch=batch, resolution=resolution, train=train,
-                   repeats=repeats, num_classes=num_classes, name=name, dtype=dtype)
+                   repeats=repeats, num_classes=num_classes, name=name, recipe=recipe)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -312,8 +304,12 @@ def main(argv: Sequence[str]) -> None:
   if not resolution:
     raise SystemExit('Give --resolution (the config has no image_size).')
   modes = [False, True] if flags.train else [False]
+  dtype = flags.dtype
+  if flags.config is not None and not flags['dtype'].present:
+    dtype = flags.config.get('dtype', 'auto')
   results = [run(model_config, name=name, batch=flags.batch, resolution=int(resolution),
-                 train=t, repeats=flags.repeats, dtype=flags.dtype, num_classes=num_classes)
+                 train=t, repeats=flags.repeats, dtype=dtype, num_classes=num_classes,
+                 recipe=flags.config)
              for t in modes]
   for r in results:
     print(json.dumps(dataclasses.asdict(r)) if flags.json else r.summary(), flush=True)
@@ -333,7 +329,8 @@ def _define_flags() -> Any:
   flags.DEFINE_integer('repeats', 10, 'Timed calls; the median is reported.')
   flags.DEFINE_integer('num_classes', None, 'Head size (default: config or 1000).')
   flags.DEFINE_bool('train', False, 'Also time a training step (forward+backward+SGD).')
-  flags.DEFINE_enum('dtype', 'float32', sorted(DTYPES), 'Computation dtype of the model.')
+  flags.DEFINE_enum('dtype', 'auto', models.DTYPES,
+                    "Computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU).")
   flags.DEFINE_bool('json', False, 'Print one JSON object per result.')
   return flags.FLAGS
 

@@ -1,0 +1,413 @@
+r"""vit_jax against timm on whatever accelerator is here: one script, one table.
+
+  PYTHONPATH=. python benchmarks/gpu_vs_timm.py [--out DIR] [--budget_s 540]
+  PYTHONPATH=. python benchmarks/gpu_vs_timm.py --smoke     # CPU, tiny shapes
+
+What it times, each case in its own subprocess (JAX preallocates GPU memory,
+so the two frameworks never share a process), in this order, skipping what
+no longer fits `--budget_s`:
+
+1. the bf16 matmul peak (8192^3, median of 10), the MFU denominator;
+2. a probe of the cuDNN flash-attention kernel at 197 and 577 tokens for
+   each token padding (`vit.ATTENTION_PAD_MULTIPLE`): which pads the kernel
+   accepts and how fast forward+backward runs; the fastest accepted pad is
+   used for every later JAX case;
+3. vit_jax's real train step (`benchmark.compile_step(train=True)`, i.e.
+   `train.make_train_step` under the paper's fine-tuning recipe: SGD
+   momentum, clipping, schedule) and inference, ViT-B/16, bf16 (and f32);
+4. timm's ViT-B/16 of the same shape: eager with AMP bf16 (timm's fused
+   SDPA attention), f32 with TF32 and `torch.compile`, the same SGD-momentum
+   step (no clipping: timm users' plain loop);
+5. the training loop itself (`python -m vit_jax.main`, `dataset=synthetic`)
+   at the step's shape: its logged images/sec over the benchmark step's;
+6. ablations: the einsum attention at 384, and ViT-L/16 at 384 with
+   per-block remat (peak memory of a 32-image micro-batch step).
+
+MFU = images/sec x analytic FLOPs per image (matmuls and attention, 2 per
+MAC, unpadded tokens; a train step counts 3x forward) / measured peak.
+Prints `RESULT {json}` lines as it goes and the table last; everything also
+goes to `--out` (results.jsonl, log.txt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (case, model, resolution, batch, train, dtype, variant). Timm rows use the
+# same case names, so the table pairs them.
+JAX_CASES = [
+    ('B16-224-train-bf16', 'ViT-B_16', 224, 128, True, 'bfloat16', {}),
+    ('B16-384-train-bf16', 'ViT-B_16', 384, 64, True, 'bfloat16', {}),
+    ('B16-224-infer-bf16', 'ViT-B_16', 224, 256, False, 'bfloat16', {}),
+]
+TORCH_CASES = [  # (case, resolution, batch, train, dtype, compile)
+    ('B16-224-train-bf16', 224, 128, True, 'bfloat16', False),
+    ('B16-384-train-bf16', 384, 64, True, 'bfloat16', False),
+    ('B16-224-infer-bf16', 224, 256, False, 'bfloat16', False),
+    ('B16-224-train-bf16-compile', 224, 128, True, 'bfloat16', True),
+    ('B16-224-train-f32', 224, 128, True, 'float32', False),
+]
+JAX_EXTRA = [
+    ('B16-224-train-f32', 'ViT-B_16', 224, 128, True, 'float32', {}),
+    ('B16-384-train-bf16-einsum', 'ViT-B_16', 384, 64, True, 'bfloat16',
+     {'attention': 'einsum'}),
+    ('L16-384-train-bf16-remat', 'ViT-L_16', 384, 32, True, 'bfloat16',
+     {'remat': 'dots_with_no_batch_dims_saveable'}),
+]
+SMOKE_JAX = [('Ti16-32-train-f32', 'ViT-Ti_16', 32, 4, True, 'float32', {}),
+             ('Ti16-32-infer-f32', 'ViT-Ti_16', 32, 8, False, 'float32', {})]
+SMOKE_TORCH = [('Ti16-32-train-f32', 32, 4, True, 'float32', False)]
+PAD_CANDIDATES = (1, 16, 64, 128)
+SHAPES = {  # model -> (patch, width, mlp, layers, heads)
+    'ViT-Ti_16': (16, 192, 768, 12, 3), 'ViT-B_16': (16, 768, 3072, 12, 12),
+    'ViT-L_16': (16, 1024, 4096, 24, 16)}
+TIMM_ARCH = {'ViT-Ti_16': 'vit_tiny_patch16_224', 'ViT-B_16': 'vit_base_patch16_224'}
+
+
+def forward_flops(model: str, res: int, classes: int = 1000) -> float:
+  """Analytic forward FLOPs per image (2 per multiply-add; unpadded tokens)."""
+  patch, d, mlp, layers, _ = SHAPES[model]
+  n = (res // patch) ** 2
+  t = n + 1
+  per_layer = 2 * t * (4 * d * d + 2 * d * mlp) + 2 * 2 * t * t * d
+  return layers * per_layer + 2 * n * patch * patch * 3 * d + 2 * d * classes
+
+
+def emit(record: dict) -> None:
+  print('RESULT ' + json.dumps(record), flush=True)
+
+
+# ----------------------------------------------------------------------------
+# Workers (each runs in its own process).
+# ----------------------------------------------------------------------------
+
+def worker_jax_peak(smoke: bool) -> None:
+  import jax
+  import jax.numpy as jnp
+  from vit_jax import benchmark
+  n = 512 if smoke else 8192
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (n, n), jnp.bfloat16)
+  b = jax.random.normal(k2, (n, n), jnp.bfloat16)
+  f = jax.jit(lambda a, b: a @ b)
+  times = benchmark.time_calls(lambda: f(a, b), 10, warmup=3)
+  dev = jax.devices()[0]
+  emit(dict(framework='jax', case='peak-bf16-matmul', tflops=2 * n**3 / statistics.median(times)
+            / 1e12, device=dev.device_kind, jax=jax.__version__))
+
+
+def worker_attention_probe(smoke: bool) -> None:
+  """Which token paddings the cuDNN kernel takes, and fwd+bwd time of each."""
+  import jax
+  import jax.numpy as jnp
+  from vit_jax import benchmark
+  from vit_jax.models import vit
+  impl = 'xla' if smoke else 'cudnn'
+  batch, heads, hd = (2, 2, 8) if smoke else (64, 12, 64)
+  for t in (197, 577):
+    for multiple in PAD_CANDIDATES:
+      keys = jax.random.split(jax.random.key(t), 3)
+      q, k, v = (jax.random.normal(key, (batch, t, heads, hd), jnp.bfloat16) for key in keys)
+
+      def loss(q, k, v, multiple=multiple):
+        out = vit.padded_attention(q, k, v, implementation=impl, pad_multiple=multiple)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+      f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+      rec = dict(framework='jax', case=f'attention-probe-T{t}-pad{multiple}', tokens=t,
+                 pad_multiple=multiple, implementation=impl)
+      try:
+        times = benchmark.time_calls(lambda: f(q, k, v), 20, warmup=2)
+        rec['ms'] = 1e3 * statistics.median(times)
+      except Exception as e:  # noqa: BLE001 - a refused shape is a finding
+        rec['error'] = f'{type(e).__name__}: {e}'[:300]
+      emit(rec)
+
+
+def worker_jax(cases: list, repeats: int, pad_multiple: int) -> None:
+  import jax
+  from vit_jax import benchmark
+  from vit_jax.models import vit
+  vit.ATTENTION_PAD_MULTIPLE = pad_multiple
+  for name, model_name, res, batch, train, dtype, variant in cases:
+    t0 = time.time()
+    rec = dict(framework='jax', case=name, model=model_name, res=res, batch=batch, train=train,
+               dtype=dtype, variant=variant, pad_multiple=pad_multiple)
+    try:
+      model, variables = benchmark.build(model_name, num_classes=1000, resolution=res,
+                                         dtype=dtype, **variant)
+      r = benchmark.benchmark(model, variables, batch=batch, resolution=res, train=train,
+                              repeats=repeats, name=name)
+      rec.update(img_s=r.images_per_sec, compile_s=r.compile_s,
+                 step_ms_min=1e3 * min(r.step_times), step_ms_max=1e3 * max(r.step_times))
+      stats = jax.devices()[0].memory_stats() or {}
+      if 'peak_bytes_in_use' in stats:
+        rec['peak_mem_gb'] = stats['peak_bytes_in_use'] / 2**30
+      del model, variables
+    except Exception as e:  # noqa: BLE001 - report and go on
+      rec['error'] = f'{type(e).__name__}: {e}'[:500]
+    rec['wall_s'] = time.time() - t0
+    emit(rec)
+
+
+def worker_torch(cases: list, repeats: int, smoke: bool) -> None:
+  try:
+    import timm
+    import torch
+  except ImportError as e:
+    emit(dict(framework='torch', case='import', error=f'{e} (pip install torch timm)'))
+    return
+  dev = 'cuda' if torch.cuda.is_available() and not smoke else 'cpu'
+  torch.backends.cuda.matmul.allow_tf32 = True   # What JAX does for f32 on GPUs.
+  torch.backends.cudnn.allow_tf32 = True
+  torch.backends.cudnn.benchmark = True
+  sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
+  arch = TIMM_ARCH['ViT-Ti_16' if smoke else 'ViT-B_16']
+  for name, res, batch, train, dtype, comp in cases:
+    t0 = time.time()
+    rec = dict(framework='torch', case=name, res=res, batch=batch, train=train, dtype=dtype,
+               compiled=comp, torch=torch.__version__, timm=timm.__version__)
+    try:
+      model = timm.create_model(arch, img_size=res, num_classes=1000).to(dev)
+      x = torch.rand(batch, 3, res, res, device=dev) * 2 - 1
+      y = torch.randint(0, 1000, (batch,), device=dev)
+      amp = dtype == 'bfloat16'
+      if train:
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def step():
+          with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+          loss.backward()
+          opt.step()
+          opt.zero_grad(set_to_none=True)
+          return loss
+      else:
+        model.eval()
+
+        @torch.no_grad()
+        def step():
+          with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+            return model(x)
+      fn = torch.compile(step) if comp else step
+      for _ in range(3 if comp else 2):   # compile + warm-up
+        fn()
+      sync()
+      times = []
+      for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+      rec.update(img_s=batch / statistics.median(times), step_ms_min=1e3 * min(times),
+                 step_ms_max=1e3 * max(times))
+      if dev == 'cuda':
+        rec['peak_mem_gb'] = torch.cuda.max_memory_allocated() / 2**30
+      model = opt = fn = step = None   # Free before the next case's peak.
+      if dev == 'cuda':
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    except Exception as e:  # noqa: BLE001 - report and go on
+      rec['error'] = f'{type(e).__name__}: {e}'[:500]
+    rec['wall_s'] = time.time() - t0
+    emit(rec)
+
+
+# ----------------------------------------------------------------------------
+# Orchestration.
+# ----------------------------------------------------------------------------
+
+def run_worker(args: list[str], timeout: float, log) -> list[dict]:
+  """Runs this script as a worker; returns its RESULT records."""
+  cmd = [sys.executable, os.path.abspath(__file__)] + args
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='2')
+  return _run(cmd, timeout, log, env)
+
+
+def _run(cmd: list[str], timeout: float, log, env: dict) -> list[dict]:
+  """Runs `cmd`; its RESULT records, plus one error record if it failed."""
+  log.write(f'$ {" ".join(cmd)}\n')
+  failure = None
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1), env=env,
+                          cwd=REPO)
+    out = proc.stdout + proc.stderr
+    if proc.returncode:
+      failure = f'exit {proc.returncode}: {out[-400:]}'
+  except subprocess.TimeoutExpired as e:
+    out = ''.join(x.decode() if isinstance(x, bytes) else (x or '') for x in (e.stdout, e.stderr))
+    failure = f'timed out after {timeout:.0f}s'
+  log.write(out + '\n')
+  log.flush()
+  records = [json.loads(line[7:]) for line in out.splitlines() if line.startswith('RESULT ')]
+  if failure:
+    records.append(dict(framework='?', case=' '.join(cmd[-3:])[:80], error=failure))
+  for r in records:
+    print('RESULT ' + json.dumps(r), flush=True)
+  return records
+
+
+def run_loop(shape: tuple, pad_multiple: int, timeout: float, log, smoke: bool) -> list[dict]:
+  """The real training loop on synthetic data at a benchmark case's shape."""
+  name, model_name, res, batch, _, dtype, variant = shape
+  steps, every = (6, 3) if smoke else (60, 20)
+  workdir = os.path.join(os.environ.get('TMPDIR', '/tmp'), f'vit_jax_loop_{os.getpid()}')
+  code = ('import sys; from vit_jax.models import vit; '
+          'vit.ATTENTION_PAD_MULTIPLE = int(sys.argv.pop(1)); '
+          + ('vit._resolve_attention = lambda a, d: "einsum"; '   # cuDNN fallback
+             if variant.get('attention') == 'einsum' else '')
+          + 'from absl import app; from vit_jax import main; app.run(main.main)')
+  cmd = [sys.executable, '-c', code, str(pad_multiple),
+         '--config=configs/finetune_b16.py', f'--workdir={workdir}',
+         '--config.dataset=synthetic', '--config.pretrained_path=None',
+         f'--config.model_name={model_name}', f'--config.image_size={res}',
+         f'--config.batch_size={batch}', f'--config.batch_size_eval={batch}',
+         '--config.accum_steps=1', f'--config.total_steps={steps}',
+         f'--config.lr.warmup_steps={every}',
+         f'--config.log_every={every}', '--config.eval_every=0',
+         '--config.checkpoint_every=0', '--config.num_classes=1000', f'--config.dtype={dtype}']
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             PYTHONUNBUFFERED='1')
+  t0 = time.time()
+  records = _run(cmd, timeout, log, env)
+  rec = dict(framework='loop', case=name, res=res, batch=batch, train=True, dtype=dtype,
+             wall_s=time.time() - t0)
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      rates = [json.loads(line)['img_sec_core_train'] for line in f
+               if 'img_sec_core_train' in line]
+    rec['img_s'] = rates[-1]   # The last window: steady state.
+  except (OSError, IndexError, KeyError) as e:
+    rec['error'] = f'no img/s in metrics.jsonl: {e}'
+  emit(rec)
+  return records + [rec]
+
+
+def table(records: list[dict]) -> str:
+  peak = next((r['tflops'] for r in records if r.get('case') == 'peak-bf16-matmul'), None)
+  lines = [f'device: {next((r["device"] for r in records if "device" in r), "?")}; '
+           f'measured bf16 matmul peak: {peak and round(peak)} TFLOP/s']
+  probes = [r for r in records if r.get('case', '').startswith('attention-probe')]
+  if probes:
+    lines.append('cuDNN attention fwd+bwd (B=64, 12 heads of 64) by token padding: ' + '; '.join(
+        f'T{r["tokens"]}/pad{r["pad_multiple"]}: '
+        + (f'{r["ms"]:.2f} ms' if 'ms' in r else 'refused') for r in probes))
+  rows: dict[str, dict] = {}
+  for r in records:
+    if 'img_s' in r:
+      rows.setdefault(r['case'], {})[r['framework']] = r
+  head = (f'{"case":28s} {"vit_jax":>9s} {"timm":>9s} {"ratio":>6s} {"jax MFU":>8s} '
+          f'{"timm MFU":>8s} {"loop":>9s} {"loop/step":>9s}')
+  lines += [head, '-' * len(head)]
+  for case, d in rows.items():
+    j, t, lp = d.get('jax'), d.get('torch'), d.get('loop')
+    model = (j or {}).get('model', 'ViT-Ti_16' if case.startswith('Ti') else
+                          'ViT-L_16' if case.startswith('L16') else 'ViT-B_16')
+    res = (j or t or lp)['res']
+    train = (j or t or lp)['train']
+    flops = forward_flops(model, res) * (3 if train else 1)
+    mfu = (lambda r: f'{100 * r["img_s"] * flops / 1e12 / peak:7.1f}%'
+           if r and peak else f'{"-":>8s}')
+    fmt = lambda r: f'{r["img_s"]:9.1f}' if r else f'{"-":>9s}'
+    ratio = f'{j["img_s"] / t["img_s"]:6.2f}' if j and t else f'{"-":>6s}'
+    loop_ratio = f'{lp["img_s"] / j["img_s"]:9.2f}' if lp and j else f'{"-":>9s}'
+    lines.append(f'{case:28s} {fmt(j)} {fmt(t)} {ratio} {mfu(j)} {mfu(t)} {fmt(lp)} {loop_ratio}')
+  comp = rows.get('B16-224-train-bf16-compile', {}).get('torch')
+  ours = rows.get('B16-224-train-bf16', {}).get('jax')
+  if comp and ours:
+    lines.append(f'vit_jax bf16 train @224 / timm+torch.compile: {ours["img_s"] / comp["img_s"]:.2f}')
+  mem = [r for r in records if 'peak_mem_gb' in r and r['framework'] == 'jax']
+  for r in mem:
+    lines.append(f'peak device memory {r["case"]}: {r["peak_mem_gb"]:.1f} GiB')
+  errors = [r for r in records if 'error' in r and not r.get('case', '').startswith('attention')]
+  lines += [f'ERROR {r.get("framework")} {r.get("case")}: {r["error"][:300]}' for r in errors]
+  return '\n'.join(lines)
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  p.add_argument('--smoke', action='store_true', help='CPU, tiny shapes: test the script')
+  p.add_argument('--out', default=os.environ.get('OUT', '/tmp/gpu_vs_timm'))
+  p.add_argument('--budget_s', type=float, default=540, help='skip what no longer fits')
+  p.add_argument('--repeats', type=int, default=20)
+  p.add_argument('--worker', choices=['peak', 'probe', 'jax', 'torch'], help=argparse.SUPPRESS)
+  p.add_argument('--cases', default='', help=argparse.SUPPRESS)
+  p.add_argument('--pad_multiple', type=int, default=None, help=argparse.SUPPRESS)
+  args = p.parse_args()
+
+  if args.worker:
+    cases = json.loads(args.cases) if args.cases else []
+    if args.worker == 'peak':
+      worker_jax_peak(args.smoke)
+    elif args.worker == 'probe':
+      worker_attention_probe(args.smoke)
+    elif args.worker == 'jax':
+      worker_jax(cases, args.repeats, args.pad_multiple)
+    else:
+      worker_torch(cases, args.repeats, args.smoke)
+    return
+
+  from vit_jax.models import vit   # Only for the default pad; no JAX backend started.
+  os.makedirs(args.out, exist_ok=True)
+  start = time.time()
+  left = lambda: args.budget_s - (time.time() - start)
+  common = ['--repeats', str(args.repeats)] + (['--smoke'] if args.smoke else [])
+  records: list[dict] = []
+  with open(os.path.join(args.out, 'log.txt'), 'w') as log:
+    def worker(name: str, cases: list, share: float, pad: int | None = None) -> None:
+      if left() < 20:
+        records.append(dict(framework=name, case=f'{name} ({len(cases)} cases)',
+                            error='skipped: out of --budget_s'))
+        return
+      extra = ['--pad_multiple', str(pad)] if pad else []
+      records.extend(run_worker(['--worker', name, '--cases', json.dumps(cases)] + common
+                                + extra, share * left(), log))
+
+    worker('peak', [], 0.2)
+    worker('probe', [], 0.2)
+    pad = _best_pad(records)
+    if pad is None:   # The kernel took no padding (or no GPU): einsum attention.
+      print('cuDNN attention unavailable: timing the einsum attention', flush=True)
+      JAX_CASES[:] = [c[:6] + ({'attention': 'einsum', **c[6]},) for c in JAX_CASES]
+      JAX_EXTRA[:] = [c[:6] + ({'attention': 'einsum', **c[6]},) for c in JAX_EXTRA]
+      pad = vit.ATTENTION_PAD_MULTIPLE
+    print(f'attention padding: multiple of {pad}', flush=True)
+    jax_cases, torch_cases = (SMOKE_JAX, SMOKE_TORCH) if args.smoke else (JAX_CASES, TORCH_CASES)
+    worker('jax', jax_cases, 0.5, pad)
+    worker('torch', torch_cases[:3] if not args.smoke else torch_cases, 0.4)
+    if left() > 30:
+      records.extend(run_loop(jax_cases[0], pad, 0.4 * left(), log, args.smoke))
+    if not args.smoke:
+      worker('torch', torch_cases[3:], 0.5)
+      worker('jax', JAX_EXTRA[:2], 0.6, pad)
+      worker('jax', JAX_EXTRA[2:], 0.9, pad)   # Own process: its own peak memory.
+  with open(os.path.join(args.out, 'results.jsonl'), 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
+  text = table(records)
+  with open(os.path.join(args.out, 'table.txt'), 'w') as f:
+    f.write(text + '\n')
+  print(f'\n{text}\n(total {time.time() - start:.0f} s)', flush=True)
+
+
+def _best_pad(records: list[dict]) -> int | None:
+  """The padding the kernel took at both token counts, fastest in sum."""
+  ok: dict[int, float] = {}
+  for m in PAD_CANDIDATES:
+    times = [r.get('ms') for r in records
+             if r.get('case', '').startswith('attention-probe') and r['pad_multiple'] == m]
+    if len(times) == 2 and all(t is not None for t in times):
+      ok[m] = sum(times)
+  return min(ok, key=ok.get) if ok else None
+
+
+if __name__ == '__main__':
+  main()
