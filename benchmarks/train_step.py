@@ -156,7 +156,7 @@ def main() -> None:
   p.add_argument('--batch', type=int, default=32)
   p.add_argument('--repeats', type=int, default=5, help='interleaved rounds; medians reported')
   p.add_argument('--num_classes', type=int, default=1000)
-  p.add_argument('--dtype', choices=sorted(benchmark.DTYPES), default='float32',
+  p.add_argument('--dtype', choices=models.DTYPES, default='float32',
                  help='bfloat16: Flax dtype=bfloat16 and timm under CPU autocast(bfloat16)')
   p.add_argument('--modes', default='eval,train', help='comma list of eval,train')
   p.add_argument('--no_timm', action='store_true', help='Flax figures only')

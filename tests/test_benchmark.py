@@ -5,7 +5,6 @@ import statistics
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from vit_jax import benchmark
@@ -79,39 +78,38 @@ def test_benchmark_train_real_clock(tiny):
     np.testing.assert_array_equal(a, b)
 
 
-def test_train_step_equals_manual_sgd(tiny):
-  """The timed step is a real SGD-momentum step: same params as optax by hand."""
+def test_timed_train_step_is_the_loops_step(tiny):
+  """`--train` times train.make_train_step under FINETUNE_RECIPE: a timed call
+  returns the loss of a hand-run loop step from the same state and batch."""
+  import ml_collections
+
+  from vit_jax import optim, train
   model, variables = tiny
-  params = variables['params']
-  x = jax.random.uniform(jax.random.key(1), (4, 8, 8, 3), minval=-1, maxval=1)
-  y = jnp.array([0, 3, 7, 9])
-  tx = optax.sgd(0.1, momentum=0.9)
   # The head is zero-initialised; perturb it so every gradient is non-trivial.
-  params = jax.tree.map(lambda p: p + 0.01 * jnp.ones_like(p), params)
-  state = {'params': params, 'opt_state': tx.init(params)}
-  step = jax.jit(benchmark.make_train_step(model, tx))
-  new_state, loss = step(state, x, y, jax.random.key(2))
+  variables = {'params': jax.tree.map(lambda p: p + 0.01, variables['params'])}
+  step = benchmark.compile_step(model, variables, batch=4, resolution=8, train=True,
+                                num_classes=10)
+  losses = [float(step.call()) for _ in range(2)]
 
-  def loss_fn(p):
-    logits = model.apply({'params': p}, x, train=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  ref_loss, grads = jax.value_and_grad(loss_fn)(params)
-  updates, _ = tx.update(grads, tx.init(params), params)
-  expected = optax.apply_updates(params, updates)
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(new_state['params']), jax.tree.leaves(expected)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-  assert not np.allclose(new_state['params']['head']['kernel'], params['head']['kernel'])
-
-
-def test_distill_logits_loss_uses_both_heads():
-  logits = jnp.array([[[2., 0.], [0., 2.]]])  # (B=1, heads=2, C=2)
-  labels = jnp.array([0])
-  ce_right = optax.softmax_cross_entropy_with_integer_labels(jnp.array([2., 0.]), 0)
-  ce_wrong = optax.softmax_cross_entropy_with_integer_labels(jnp.array([0., 2.]), 0)
-  np.testing.assert_allclose(benchmark._loss(logits, labels), (ce_right + ce_wrong) / 2,
-                             rtol=1e-6)
+  recipe = benchmark.train_recipe()
+  assert recipe.optim.grad_clip_norm == 1.0 and recipe.optim.momentum == 0.9
+  schedule = optim.schedule_from_config(recipe)
+  tx = optim.make_optimizer(recipe.optim, schedule)
+  key = jax.random.key(0)   # compile_step's images and labels, by the same draws
+  batch = {'image': jax.random.uniform(key, (4, 8, 8, 3), jnp.float32, -1., 1.),
+           'label': jax.random.randint(jax.random.fold_in(key, 1), (4,), 0, 10)}
+  state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
+           'opt_state': tx.init(variables['params'])}
+  loop_step = jax.jit(train.make_train_step(model, tx, schedule, recipe))
+  ref = []
+  for _ in range(2):
+    state, metrics = loop_step(state, batch, key)
+    ref.append(float(metrics['train_loss']))
+  np.testing.assert_allclose(losses, ref, rtol=1e-6)
+  assert losses[1] != losses[0]   # The second call trained on the updated state.
+  cfg = ml_collections.ConfigDict({'optim': {'name': 'adamw'}, 'accum_steps': 2})
+  assert benchmark.train_recipe(cfg).optim.name == 'adamw'
+  assert benchmark.train_recipe(cfg).accum_steps == 2
 
 
 def test_config_merging_and_errors(tiny):
