@@ -463,10 +463,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--num_components', type=int, default=28)
   parser.add_argument('--max_rollout_images', type=int, default=8,
                       help='images shown in the rollout figure (distances use all)')
+  parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
+                      help="computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU)")
   args = parser.parse_args(argv)
   try:
     bundle = predict.load_bundle(args.checkpoint, args.model, args.workdir, args.labels,
-                                 args.image_size)
+                                 args.image_size, dtype=args.dtype)
     written = run_all(bundle, predict.collect_images(args.images), args.out_dir,
                       args.num_components, args.max_rollout_images)
   except (predict.PredictError, AnalysisError) as e:

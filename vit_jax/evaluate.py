@@ -33,16 +33,23 @@ _CONFIG = config_flags.DEFINE_config_file(
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'Official-layout .npz (local or gs://), head included.')
 _JSON = flags.DEFINE_bool('json', False, 'Print the metrics as one JSON object.')
+_DTYPE = flags.DEFINE_enum(
+    'dtype', None, ['auto', 'float32', 'bfloat16'],
+    "Computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU); default config.dtype.")
 
 
-def evaluate_checkpoint(config, checkpoint: str) -> dict[str, float]:
-  """accuracy_test, loss_test, num_test_examples of `checkpoint` under `config`."""
+def evaluate_checkpoint(config, checkpoint: str, dtype: str | None = None) -> dict[str, float]:
+  """accuracy_test, loss_test, num_test_examples of `checkpoint` under `config`.
+
+  Computes in `dtype`, default config.dtype (as training did).
+  """
   import jax  # pylint: disable=g-import-not-at-top
 
   from vit_jax import input_pipeline, predict, sharding, train  # pylint: disable=g-import-not-at-top
   train.validate_config(config)
   bundle = predict.load_bundle(checkpoint, model=train.model_config(config),
-                               image_size=config.image_size)
+                               image_size=config.image_size,
+                               dtype=dtype or config.get('dtype', 'auto'))
   num_classes = bundle.model.num_classes
   data_classes = config.get('num_classes') or input_pipeline.get_dataset_info(config).num_classes
   if num_classes != data_classes:
@@ -64,7 +71,7 @@ def main(argv) -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   from vit_jax import predict  # pylint: disable=g-import-not-at-top
   try:
-    metrics = evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value)
+    metrics = evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _DTYPE.value)
   except (ValueError, predict.PredictError) as e:
     print(f'ERROR ({type(e).__name__}): {e}', file=sys.stderr)
     sys.exit(1)

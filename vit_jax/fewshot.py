@@ -570,10 +570,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--standardize', default='feature', choices=('feature', 'global'))
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--json', action='store_true', help='print all results as JSON')
+  parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
+                      help="computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU)")
   args = parser.parse_args(argv)
   try:
     bundle = predict.load_bundle(args.checkpoint, args.model, args.workdir,
-                                 image_size=args.image_size)
+                                 image_size=args.image_size, dtype=args.dtype)
     config = {
         'dataset': args.dataset, 'train_split': args.train_split, 'test_split': args.test_split,
         'tfds_data_dir': args.tfds_data_dir, 'image_size': bundle.image_size,

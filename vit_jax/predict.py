@@ -164,10 +164,11 @@ def _model_config(model: Any):
 
 def load_bundle(checkpoint: str | None = None, model: Any = None,
                 workdir: str | None = None, labels: str | None = None,
-                image_size: int | None = None) -> Bundle:
+                image_size: int | None = None, dtype: str = 'auto') -> Bundle:
   """Builds the model of a checkpoint (+ preset name) or of a training workdir.
 
   `model` is a preset name or a model ConfigDict (e.g. train.model_config).
+  `dtype` is the computation dtype (models.resolve_dtype).
   """
   from vit_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
   from vit_jax import models  # pylint: disable=g-import-not-at-top
@@ -219,7 +220,7 @@ def load_bundle(checkpoint: str | None = None, model: Any = None,
     pos['pos_embedding'] = ckpt.interpolate_posembed(
         pos['pos_embedding'], grid[0] * grid[1] + prefix, has_class_token=prefix > 0,
         new_grid=grid)
-  module = models.get_model(model_config, num_classes=int(info['num_classes']))
+  module = models.get_model(model_config, num_classes=int(info['num_classes']), dtype=dtype)
   names = read_labels(labels) if labels else None
   if names is not None and len(names) != info['num_classes']:
     raise PredictError(
@@ -319,9 +320,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--image_size', type=int, help='override the resolution (posembs are resized)')
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--json', action='store_true', help='print machine-readable JSON')
+  parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
+                      help="computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU)")
   args = parser.parse_args(argv)
   try:
-    bundle = load_bundle(args.checkpoint, args.model, args.workdir, args.labels, args.image_size)
+    bundle = load_bundle(args.checkpoint, args.model, args.workdir, args.labels, args.image_size,
+                         dtype=args.dtype)
     paths = collect_images(args.images)
     images, _ = load_images(paths, bundle)
   except PredictError as e:
