@@ -42,6 +42,18 @@ stops training with the key's name):
   evals.fewshot     optional few-shot linear evaluation (vit_jax.fewshot)
   distill           optional DeiT hard-label distillation: teacher_model,
                     teacher_checkpoint
+  scratch_baseline  None, or overrides for a from-scratch twin trained after
+                    a fine-tune (train.scratch_baseline_config)
+  resume_changed    False: a relaunch on a workdir whose config.json differs
+                    in a trajectory key (anything but log/eval/checkpoint
+                    cadence, eval batch size, keep count, mesh, data
+                    location) is refused; True accepts the new values and
+                    logs them in <workdir>/config_changes.jsonl
+
+Keys documented as None-able (num_classes, pretrained_path, scratch_baseline,
+optim.grad_clip_norm, optim.weight_decay, optim.momentum, eval_every,
+checkpoint_every, keep_checkpoints, batch_size_eval) take
+`--config.<key>=None` on the command line.
 """
 
 from __future__ import annotations
@@ -131,6 +143,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'min_size': 2 ** 12})
+  c.scratch_baseline = None
+  c.resume_changed = False
   return c
 
 

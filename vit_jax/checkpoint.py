@@ -90,20 +90,90 @@ def _read_bytes(path: str) -> bytes:
       raise CheckpointError(f'Cannot read checkpoint {path}: {e}\n{DOWNLOAD_HINT}') from e
   if not os.path.exists(path):
     raise CheckpointError(f'Checkpoint not found: {path}\n{DOWNLOAD_HINT}')
+  if os.path.isdir(path):
+    npz = sorted(n for n in os.listdir(path) if n.endswith('.npz'))
+    raise CheckpointError(
+        f'Checkpoint {path} is a directory, not a .npz file. '
+        + (f'It holds {", ".join(npz[:3])}: point at one of them.' if npz else
+           'A training workdir\'s orbax checkpoints/ are for resuming; its '
+           'export is <workdir>/<model_name>.npz.'))
   with open(path, 'rb') as f:
     return f.read()
 
 
+def _keys(keys: Sequence[str], limit: int = 8) -> str:
+  keys = list(keys)
+  return ', '.join(keys[:limit]) + (f' and {len(keys) - limit} more' if len(keys) > limit else '')
+
+
+def _as_float(key: str, value: np.ndarray) -> np.ndarray | str:
+  """float16 / bfloat16 -> float32, float32/64 as they are; else why not."""
+  if value.dtype.kind == 'f':
+    return value.astype(np.float32) if value.dtype.itemsize < 4 else value
+  if value.dtype.kind == 'V' and value.dtype.itemsize == 2 and value.dtype.names is None:
+    # np.savez writes bfloat16 (which numpy cannot name) as 2-byte void.
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    return value.view(ml_dtypes.bfloat16).astype(np.float32)
+  names = {'i': 'integer', 'u': 'integer', 'b': 'boolean', 'U': 'string',
+           'S': 'string', 'O': 'object', 'c': 'complex'}
+  return f'{key} ({names.get(value.dtype.kind, "non-float")} {value.dtype})'
+
+
+def check_values(flat: Mapping[str, Any], path: str) -> dict[str, np.ndarray]:
+  """Float arrays only (float16/bfloat16 upcast to float32), all finite.
+
+  Integer, boolean, string or object arrays and NaN/Inf values are refused
+  naming the keys: such a file would otherwise fine-tune into nonsense or
+  evaluate to NaN without an error.
+  """
+  out, wrong = {}, []
+  for key, value in flat.items():
+    v = _as_float(key, np.asarray(value))
+    if isinstance(v, str):
+      wrong.append(v)
+    else:
+      out[key] = v
+  if wrong:
+    raise CheckpointError(
+        f'Checkpoint {path} holds arrays that are not floating point: '
+        f'{_keys(wrong)}. Parameters must be float32, float16 or bfloat16; '
+        'was it written by something else than a model (or cast to int)?')
+  bad = [f'{k} ({int(np.sum(np.isnan(v)))} NaN, {int(np.sum(np.isinf(v)))} Inf '
+         f'of {v.size})' for k, v in out.items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise CheckpointError(
+        f'Checkpoint {path} has non-finite values in {len(bad)} arrays: '
+        f'{_keys(bad)}. A model with NaN/Inf parameters gives no meaningful '
+        'output: use the checkpoint of a run that did not diverge.')
+  return out
+
+
 def load_flat(path: str) -> dict[str, np.ndarray]:
-  """Reads a `.npz` into {'a/b/c': array}, prefixes intact."""
+  """Reads a `.npz` into {'a/b/c': float array}, prefixes intact (see check_values)."""
   data = _read_bytes(path)
+
+  def unreadable(e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f'Checkpoint {path} is not a readable .npz archive (truncated or corrupt? '
+        f'{len(data)} bytes; {type(e).__name__}: {e}). Download it again.')
+
+  flat, objects = {}, []
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-      return {k: npz[k] for k in npz.files}
+      for k in npz.files:
+        try:
+          flat[k] = npz[k]
+        except ValueError as e:
+          if 'allow_pickle' not in str(e):
+            raise
+          objects.append(f'{k} (object array)')
   except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as e:
+    raise unreadable(e) from e
+  if objects:
     raise CheckpointError(
-        f'Checkpoint {path} is not a readable .npz archive (truncated or corrupt? '
-        f'{len(data)} bytes; {type(e).__name__}: {e}). Download it again.') from e
+        f'Checkpoint {path} holds arrays that are not floating point: '
+        f'{_keys(objects)}. Parameters must be float32, float16 or bfloat16.')
+  return check_values(flat, path)
 
 
 def load_variables(path: str) -> dict[str, Any]:
@@ -162,10 +232,23 @@ def save(params: Mapping[str, Any], path: str,
       f.write(buf.getvalue())
     return path
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  # Written under a temporary name and renamed: a reader never sees half a
+  # file; a run killed in between leaves `<path>.tmp-<pid>`, which the next
+  # training launch on the workdir removes (vit_jax.workdir).
   tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(buf.getvalue())
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'wb') as f:
+      f.write(buf.getvalue())
+    os.replace(tmp, path)
+  except OSError as e:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise CheckpointError(
+        f'Cannot write {path} ({buf.getbuffer().nbytes / 2**20:.1f} MiB): '
+        f'{e.strerror or e}. Free space (or choose another directory) and run '
+        'again; nothing was half-written.') from e
   return path
 
 

@@ -44,6 +44,7 @@ from absl import logging
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import models, optim, sharding
+from vit_jax import workdir as workdir_lib
 
 PyTree = Any
 
@@ -97,6 +98,7 @@ _SCHEMA: dict[str, tuple[type, ...]] = {
     'optim.weight_decay': _NUM + (type(None),),
     'optim.grad_clip_norm': _NUM + (type(None),),
     'dtype': (str,),
+    'resume_changed': (bool,),
 }
 _REQUIRED = ('dataset', 'train_split', 'test_split', 'image_size',
              'batch_size', 'total_steps', 'lr.base')
@@ -121,7 +123,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if not present:
       continue
     # bool is an int subclass; a True batch size is a mistake, not a 1.
-    if isinstance(value, bool) or not isinstance(value, types):
+    if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
       names = ' or '.join('None' if t is type(None) else t.__name__
                           for t in types)
       raise ConfigError(f'config.{key} must be {names}, got '
@@ -151,6 +153,32 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.get('dtype', 'auto') not in models.DTYPES:
     raise ConfigError(f'config.dtype must be one of {models.DTYPES}, got '
                       f'{config.dtype!r}.')
+  lr = config.lr.base
+  if not (math.isfinite(lr) and lr > 0):
+    raise ConfigError(f'config.lr.base must be a finite number > 0, got {lr} '
+                      '(a negative lr climbs the loss instead of descending it).')
+  _check_image_fits_patches(config)
+
+
+def _check_image_fits_patches(config: ml_collections.ConfigDict) -> None:
+  """image_size must be a whole number of patches: none silently dropped."""
+  mc = model_config(config)
+  if mc.get('model_type', 'vit') != 'vit' or not mc.get('patches'):
+    return
+  ph, pw = tuple(mc.patches.size)
+  resnet = mc.get('resnet')
+  # Hybrid: the patches are cut from the ResNet feature map (root conv /2,
+  # max-pool /2, each later stage /2).
+  stride = 4 * 2 ** (len(tuple(resnet.num_layers)) - 1) if resnet else 1
+  size = config.image_size
+  if size % (ph * stride) or size % (pw * stride):
+    cell = f'{ph * stride}x{pw * stride}'
+    near = sorted({size // (ph * stride) * ph * stride,
+                   -(-size // (ph * stride)) * ph * stride} - {0})
+    raise ConfigError(
+        f'config.image_size={size} is not a whole number of {cell} patches: '
+        f'the last {size % (ph * stride)} pixel rows and columns would be '
+        f'dropped. Use image_size {" or ".join(map(str, near))}.')
 
 
 def _check_batch_fits_devices(config: ml_collections.ConfigDict,
@@ -527,11 +555,59 @@ def write_run_info(workdir: str, model: Any) -> None:
                  'process_count': jax.process_count(), 'jax': jax.__version__}, f, indent=2)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+class DivergenceGuard:
+  """Stops a run whose train loss ran away while staying finite.
+
+  The NaN guard catches non-finite metrics; this one catches a finite blow-up
+  (lr far too high): the logged train loss above
+  max(FACTOR x the first logged train loss, ln(num_classes) + MARGIN) for
+  PATIENCE log steps in a row. While the loss is above the bound no
+  checkpoint is written, so the last checkpoint stays a good one.
+  """
+  FACTOR = 10.0
+  MARGIN = 10.0
+  PATIENCE = 3
+
+  def __init__(self, num_classes: int):
+    self.floor = math.log(max(num_classes, 2)) + self.MARGIN
+    self.first: float | None = None
+    self.over: list[tuple[int, float]] = []
+
+  @property
+  def bound(self) -> float:
+    return max(self.FACTOR * (self.first or 0.0), self.floor)
+
+  @property
+  def suspect(self) -> bool:
+    return bool(self.over)
+
+  def update(self, step: int, loss: float) -> str | None:
+    """Records a logged loss; returns why to stop, or None."""
+    if self.first is None:
+      self.first = loss
+    if loss <= self.bound:
+      self.over.clear()
+      return None
+    self.over.append((step, loss))
+    if len(self.over) < self.PATIENCE:
+      return None
+    shown = ', '.join(f'{v:.4g} at step {s}' for s, v in self.over)
+    return (f'train_loss {shown}: above {self.bound:.4g} (the larger of '
+            f'{self.FACTOR:g}x the first logged train_loss {self.first:.4g} and '
+            f'ln(num_classes)+{self.MARGIN:g}) for {self.PATIENCE} log steps in '
+            'a row')
+
+
+def _diverged_advice(config: ml_collections.ConfigDict, last_saved: int | None,
+                     ckpt_dir: str) -> str:
+  advice = (f'Lower config.lr.base (now {config.lr.base}), set '
+            'config.optim.grad_clip_norm (e.g. 1.0) or check the data. ')
+  if last_saved is None:
+    return advice + 'No checkpoint was saved before.'
+  return advice + (
+      f'The last good checkpoint, step {last_saved} in {ckpt_dir}, is kept; to '
+      'continue from it with a lower lr add --config.resume_changed=True, or '
+      'start afresh in a new --workdir.')
 
 
 # ---------------------------------------------------------------------------
@@ -539,12 +615,23 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 # ---------------------------------------------------------------------------
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains and evaluates; see the module docstring for what lands in workdir."""
+  """Trains and evaluates; see the module docstring for what lands in workdir.
+
+  Holds the workdir's lock (vit_jax.workdir) for the whole run.
+  """
+  validate_config(config)
+  with workdir_lib.hold(workdir):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   # ========================= Config =========================
   quiet_orbax_logs()
-  validate_config(config)
-  write_config(config, workdir)
+  # A relaunch that would change the resumed trajectory fails here, in
+  # seconds, and leaves config.json (the run's identity) as it was.
+  accepted_changes = workdir_lib.check_config_drift(config, workdir)
   check_pretrained_available(config)  # Fail in seconds, before any data work.
+  workdir_lib.remove_stale_exports(workdir)
   # TensorFlow comes in with the data and clu's TensorBoard writer: slow
   # imports, so only after the quick checks.
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -609,18 +696,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       max_to_keep=config.get('keep_checkpoints', 3) or None,
       enable_async_checkpointing=False, create=True,
       cleanup_tmp_directories=True))  # Leftovers of a run killed mid-save.
-  latest = manager.latest_step()
+  target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, state_sh)
+  # The newest step that verifies (digest, restores, holds its own step);
+  # damaged or stray ones are moved to <workdir>/damaged_checkpoints.
+  latest, state = workdir_lib.restore_newest_intact(
+      manager, lambda step: manager.restore(
+          step, args=ocp.args.StandardRestore(target)),
+      workdir, ckpt_dir, lambda s: int(sharding.to_host(s['step'])))
   if latest is not None:
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract, state_sh)
-    try:
-      state = manager.restore(latest, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # orbax raises several types for a tree mismatch.
-      raise ConfigError(
-          f'{ckpt_dir} holds a checkpoint at step {latest} that does not fit '
-          f'this config ({type(e).__name__}: {e}). Use a fresh --workdir, or '
-          f'the config that wrote it.') from e
     logging.info('Resumed from %s at step %d.', ckpt_dir, latest)
   else:
     state = jax.jit(init_state, out_shardings=state_sh)(init_rng)
@@ -632,6 +717,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       state['params'] = _put(params, state_sh['params'])
       logging.info('Loaded pre-trained weights from %s.', path)
   start_step = int(sharding.to_host(state['step']))
+  # The launch is accepted: config.json becomes this run's identity.
+  workdir_lib.log_accepted_changes(workdir, accepted_changes, latest)
+  workdir_lib.write_config(config, workdir)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
   logging.info('Model %s: %s parameters.', mc.model_name, f'{num_params:,}')
 
@@ -666,6 +754,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   last_saved = latest
   meter = _Throughput()
   batch_size = config.batch_size
+  guard = DivergenceGuard(num_classes)
 
   def flush(step: int) -> dict[str, float]:
     """Fetches pending step metrics, stops on NaN/Inf, returns their mean."""
@@ -675,12 +764,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       if not all(np.isfinite(v) for v in m.values()):
         raise FloatingPointError(
             f'Training diverged: non-finite metrics at step {s}: '
-            f'{ {k: float(v) for k, v in m.items()} }. Lower config.lr.base '
-            f'(now {config.lr.base}), set config.optim.grad_clip_norm (e.g. '
-            f'1.0) or check the data. '
-            + (f'The last good checkpoint is step {last_saved} in {ckpt_dir}; '
-               'a relaunch resumes from it.' if last_saved is not None else
-               'No checkpoint was saved before.'))
+            f'{ {k: float(v) for k, v in m.items()} }. '
+            + _diverged_advice(config, last_saved, ckpt_dir))
     return {k: float(np.mean([m[k] for _, m in fetched]))
             for k in fetched[0][1]} if fetched else {}
 
@@ -716,6 +801,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         scalars['img_sec_core_train'] = rate * batch_size / mesh.size
       writer.write_scalars(step, scalars)
       history.append(dict(step=step, **scalars))
+      why = guard.update(step, scalars['train_loss'])
+      if why:
+        raise FloatingPointError(f'Training diverged: {why}. '
+                                 + _diverged_advice(config, last_saved, ckpt_dir))
       eta = (total_steps - step) / avg_rate if avg_rate > 0 else float('nan')
       speed = (f'{rate * batch_size:.1f} img/s ({rate * batch_size / mesh.size:.1f}'
                '/core)' if math.isfinite(rate) else 'img/s after compilation')
@@ -740,8 +829,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                      ev['accuracy_test'], ev['loss_test'])
       if do_fewshot:
         writer.write_scalars(step, fewshot.run(state['params']))
-      if do_ckpt:
+      if do_ckpt and guard.suspect and step != total_steps:
+        logging.warning('Not checkpointing step %d: train_loss %.4g is above '
+                        'the divergence bound %.4g.', step, guard.over[-1][1],
+                        guard.bound)
+      elif do_ckpt:
         manager.save(step, args=ocp.args.StandardSave(state))
+        workdir_lib.write_digest(ckpt_dir, step)
         last_saved = step
       meter.start()
   manager.wait_until_finished()

@@ -1,0 +1,456 @@
+"""Keeping a training workdir safe: one run at a time, one identity, no
+silently damaged checkpoint, no stale temporary exports.
+
+What this module owns in `<workdir>/`:
+
+  workdir.lock               the holder (host, pid, start time); refreshed every
+                             HEARTBEAT_S seconds while the run lives
+  config.json                the run's identity, written only once a launch is
+                             accepted (`write_config`)
+  config_changes.jsonl       trajectory changes accepted on resume with
+                             --config.resume_changed=True, one JSON line each
+  checkpoints/<step>/vit_jax_digest.json
+                             sha256 of every file of that orbax step, written
+                             right after the save (`write_digest`)
+  damaged_checkpoints/       steps that failed verification on resume, moved
+                             aside (never deleted) with a note of why
+
+Called from the training loop in a few lines; nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from absl import logging
+
+LOCK_NAME = 'workdir.lock'
+# A live holder touches the lock every HEARTBEAT_S seconds. A lock from
+# another host (a shared filesystem, where its pid cannot be checked) is
+# stale once it has not been touched for STALE_AFTER_S seconds.
+HEARTBEAT_S = 60.0
+STALE_AFTER_S = 600.0
+DIGEST_NAME = 'vit_jax_digest.json'
+DAMAGED_DIR = 'damaged_checkpoints'
+CHANGES_NAME = 'config_changes.jsonl'
+
+# Config keys that change only how often things happen or where output goes,
+# not the trajectory of the weights: free to change on resume. Everything
+# else (model, data, preprocessing, optimizer, schedule, batch, seed,
+# total_steps, keys added later) is trajectory and needs the override.
+CADENCE_KEYS = ('log_every', 'eval_every', 'checkpoint_every',
+                'keep_checkpoints', 'batch_size_eval', 'prefetch', 'evals',
+                'mesh', 'tfds_data_dir', 'tfds_download', 'resume_changed')
+OVERRIDE_FLAG = '--config.resume_changed=True'
+
+
+class WorkdirError(ValueError):
+  """The workdir cannot be used as asked (held by another run, drifted config)."""
+
+
+def _is_main() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index() == 0
+
+
+def _broadcast(value: int) -> int:
+  """Process 0's integer, on every process (a no-op in one process)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return int(value)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+
+
+# ---------------------------------------------------------------------------
+# The lock.
+# ---------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # Someone else's live process.
+  return True
+
+
+class WorkdirLock:
+  """An exclusive, heartbeating lock file; process 0 holds it for all processes.
+
+  Acquiring writes the holder to a temporary file and hard-links it to
+  `workdir.lock`, which fails when the lock exists: no window in which a
+  half-written lock is visible. A lock is stale, and taken over with a
+  warning, when its pid is dead on this host, or, held from another host,
+  when it has not been refreshed for STALE_AFTER_S seconds.
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, LOCK_NAME)
+    self.holder = {'host': socket.gethostname(), 'pid': os.getpid(),
+                   'start_time': _now()}
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def _read(self) -> dict[str, Any] | None:
+    try:
+      with open(self.path) as f:
+        return json.load(f)
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      return {}
+
+  def _stale_reason(self, holder: Mapping[str, Any]) -> str | None:
+    try:
+      age = time.time() - os.path.getmtime(self.path)
+    except OSError:
+      return 'it disappeared'
+    host, pid = holder.get('host'), holder.get('pid')
+    if host == self.holder['host'] and isinstance(pid, int):
+      if pid == os.getpid():
+        return 'it is this process\'s own (an earlier run that did not end)'
+      return None if _pid_alive(pid) else f'process {pid} is no longer running'
+    if age > STALE_AFTER_S:
+      return (f'it was last refreshed {age:.0f} s ago (> {STALE_AFTER_S:.0f} s, '
+              'vit_jax.workdir.STALE_AFTER_S)')
+    return None
+
+  def _try_create(self) -> bool:
+    tmp = f'{self.path}.{os.getpid()}.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(self.holder, f)
+    try:
+      os.link(tmp, self.path)
+      return True
+    except FileExistsError:
+      return False
+    finally:
+      os.remove(tmp)
+
+  def acquire(self) -> WorkdirLock:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    for _ in range(5):
+      if self._try_create():
+        break
+      holder = self._read()
+      if holder is None:
+        continue  # Released meanwhile: try again.
+      reason = self._stale_reason(holder)
+      if reason is None:
+        raise WorkdirError(
+            f'{os.path.dirname(self.path)} is in use by another run: host '
+            f'{holder.get("host")}, pid {holder.get("pid")}, started '
+            f'{holder.get("start_time")} ({self.path}). Wait for it to end or '
+            'use another --workdir.')
+      logging.warning('Taking over the stale workdir lock %s of %s: %s.',
+                      self.path, holder, reason)
+      aside = f'{self.path}.stale-{os.getpid()}'
+      try:
+        os.replace(self.path, aside)
+      except FileNotFoundError:
+        continue
+      with open(aside) as f:
+        moved = f.read()
+      if moved.strip() and json.loads(moved) != holder:
+        # Another process took it over between our read and our move: give
+        # its lock back and let the next round refuse.
+        try:
+          os.link(aside, self.path)
+        except FileExistsError:
+          pass
+      os.remove(aside)
+    else:
+      raise WorkdirError(f'Could not take the workdir lock {self.path}.')
+    self._thread = threading.Thread(target=self._heartbeat, daemon=True,
+                                    name='workdir-lock-heartbeat')
+    self._thread.start()
+    return self
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(HEARTBEAT_S):
+      try:
+        os.utime(self.path)
+      except OSError:
+        pass
+
+  def release(self) -> None:
+    self._stop.set()
+    if self._read() == self.holder:
+      try:
+        os.remove(self.path)
+      except FileNotFoundError:
+        pass
+
+
+class hold:  # pylint: disable=invalid-name
+  """`with hold(workdir):` the lock for this run; only process 0 touches it.
+
+  Every process learns whether process 0 got it, so all refuse together. A
+  remote (gs://) workdir is not locked: there is no atomic create there.
+  """
+
+  def __init__(self, workdir: str):
+    self.workdir = workdir
+    self.lock: WorkdirLock | None = None
+
+  def __enter__(self) -> hold:
+    error = None
+    if _is_main() and '://' not in self.workdir:
+      try:
+        self.lock = WorkdirLock(self.workdir).acquire()
+      except WorkdirError as e:
+        error = e
+    if not _broadcast(error is None):
+      raise error or WorkdirError(
+          f'{self.workdir} is in use by another run (process 0 could not '
+          'take its lock; see its log).')
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.lock is not None:
+      self.lock.release()
+
+
+# ---------------------------------------------------------------------------
+# Config identity and drift.
+# ---------------------------------------------------------------------------
+
+def _flat(tree: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(tree, Mapping) and tree:
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f'{prefix}{k}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _is_cadence(key: str) -> bool:
+  return any(key == c or key.startswith(c + '.') for c in CADENCE_KEYS)
+
+
+def config_json(config: Any) -> str:
+  return config.to_json_best_effort(indent=2, sort_keys=True) + '\n'
+
+
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]
+                   ) -> dict[str, tuple[Any, Any]]:
+  """{key: (old, new)} for the trajectory keys that differ."""
+  fo, fn = _flat(old), _flat(new)
+  missing = '<absent>'
+  return {k: (fo.get(k, missing), fn.get(k, missing))
+          for k in sorted(set(fo) | set(fn))
+          if not _is_cadence(k) and fo.get(k, missing) != fn.get(k, missing)}
+
+
+def has_checkpoint(workdir: str) -> bool:
+  d = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def check_config_drift(config: Any, workdir: str) -> dict[str, tuple[Any, Any]]:
+  """Refuses a relaunch whose config would change the resumed trajectory.
+
+  Compares with `config.json` when the workdir holds a checkpoint to resume.
+  With config.resume_changed=True the changes are accepted and returned
+  (`log_accepted_changes` records them). Cadence keys (CADENCE_KEYS) never
+  count.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if not (os.path.isfile(path) and has_checkpoint(workdir)):
+    return {}
+  with open(path) as f:
+    old = json.load(f)
+  changes = config_changes(old, json.loads(config_json(config)))
+  if not changes or config.get('resume_changed'):
+    return changes
+  shown = '; '.join(f'{k}: {o!r} -> {n!r}' for k, (o, n) in changes.items())
+  raise WorkdirError(
+      f'{workdir} holds a run with another config; resuming it with this one '
+      f'would silently mix two runs. Changed: {shown}. Use a fresh --workdir, '
+      f'relaunch with the old values, or add {OVERRIDE_FLAG} to continue this '
+      'run with the new ones (logged in ' + CHANGES_NAME + ').')
+
+
+def log_accepted_changes(workdir: str, changes: Mapping[str, tuple[Any, Any]],
+                         step: int | None) -> None:
+  if not changes or not _is_main():
+    return
+  logging.warning('config.resume_changed=True: resuming %s at step %s with '
+                  'changed %s.', workdir, step,
+                  '; '.join(f'{k}: {o!r} -> {n!r}' for k, (o, n) in changes.items()))
+  with open(os.path.join(workdir, CHANGES_NAME), 'a') as f:
+    f.write(json.dumps({'time': _now(), 'step': step,
+                        'changes': {k: list(v) for k, v in changes.items()}}) + '\n')
+
+
+def write_config(config: Any, workdir: str) -> None:
+  """Writes config.json (atomically) once the launch is accepted."""
+  if not _is_main():
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, 'config.json')
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(config_json(config))
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint integrity.
+# ---------------------------------------------------------------------------
+
+def _epath(path: str):
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  return epath.Path(path)
+
+
+def _files(d):
+  for p in sorted(d.iterdir()):
+    if p.is_dir():
+      yield from _files(p)
+    else:
+      yield p
+
+
+def _file_digests(step_dir) -> dict[str, str]:
+  return {str(p.relative_to(step_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in _files(step_dir) if p.name != DIGEST_NAME}
+
+
+def write_digest(ckpt_dir: str, step: int) -> None:
+  """Records the sha256 of every file of checkpoints/<step> (process 0)."""
+  if not _is_main():
+    return
+  step_dir = _epath(ckpt_dir) / str(step)
+  tmp = step_dir / f'{DIGEST_NAME}.tmp'
+  tmp.write_text(json.dumps({'step': step, 'files': _file_digests(step_dir)},
+                            indent=1, sort_keys=True))
+  tmp.rename(step_dir / DIGEST_NAME)
+
+
+def check_digest(ckpt_dir: str, step: int) -> tuple[bool, str | None]:
+  """(has_digest, problem or None) for checkpoints/<step>."""
+  step_dir = _epath(ckpt_dir) / str(step)
+  try:
+    recorded = json.loads((step_dir / DIGEST_NAME).read_text())
+  except FileNotFoundError:
+    return False, None
+  except (OSError, ValueError) as e:
+    return False, f'its digest file is unreadable ({e})'
+  if recorded.get('step') != step:
+    return True, (f'it was saved as step {recorded.get("step")} (a copied or '
+                  'renamed directory)')
+  now = _file_digests(step_dir)
+  missing = sorted(set(recorded['files']) - set(now))
+  changed = sorted(k for k in recorded['files']
+                   if k in now and now[k] != recorded['files'][k])
+  problems = ([f'missing {", ".join(missing[:5])}'] if missing else []) + \
+      ([f'changed {", ".join(changed[:5])}'] if changed else [])
+  return True, ('; '.join(problems) + ' since it was saved') if problems else None
+
+
+def move_aside(workdir: str, ckpt_dir: str, step: int, reason: str) -> str:
+  """Moves checkpoints/<step> to damaged_checkpoints/ (process 0); never deletes."""
+  dest_root = _epath(workdir) / DAMAGED_DIR
+  dest = dest_root / str(step)
+  i = 1
+  while dest.exists():
+    dest, i = dest_root / f'{step}-{i}', i + 1
+  logging.warning('Checkpoint step %d in %s is damaged: %s. Moving it to %s '
+                  '(kept, not deleted) and falling back to the newest intact '
+                  'step.', step, ckpt_dir, reason, dest)
+  if _is_main():
+    dest_root.mkdir(parents=True, exist_ok=True)
+    (_epath(ckpt_dir) / str(step)).rename(dest)
+    (dest_root / f'{dest.name}.why.txt').write_text(f'{_now()}: {reason}\n')
+  return str(dest)
+
+
+def restore_newest_intact(manager: Any, restore: Callable[[int], Any],
+                          workdir: str, ckpt_dir: str,
+                          step_of: Callable[[Any], int]) -> tuple[int | None, Any]:
+  """(step, state) of the newest checkpoint that verifies, or (None, None).
+
+  A step verifies when its digest (if it has one: checkpoints written before
+  digests existed have none) matches, it restores, and the step it holds is
+  the step its directory is named after. A failing one is moved aside and the
+  next older one tried. A step whose digest matches but which does not
+  restore is intact but of another config: that is an error, not damage.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def aside(step: int, reason: str) -> None:
+    move_aside(workdir, ckpt_dir, step, reason)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'vit_jax_move_aside_{step}')
+    manager.reload()
+
+  while True:
+    step = manager.latest_step()
+    if step is None:
+      return None, None
+    has_digest, problem = (check_digest(ckpt_dir, step) if _is_main()
+                           else (False, None))
+    has_digest = bool(_broadcast(has_digest))
+    if _broadcast(problem is not None):
+      aside(step, problem or 'process 0 found it damaged')
+      continue
+    try:
+      state = restore(step)
+    except Exception as e:  # orbax raises many types.  # pylint: disable=broad-except
+      if has_digest:
+        from vit_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+        raise ckpt_lib.CheckpointError(
+            f'{ckpt_dir} holds an intact checkpoint at step {step} that does '
+            f'not fit this config ({type(e).__name__}: {str(e)[:500]}). Use a '
+            'fresh --workdir, or the config that wrote it.') from e
+      aside(step, f'it does not restore ({type(e).__name__}: {str(e)[:300]})')
+      continue
+    held = step_of(state)
+    if held != step:
+      aside(step, f'it holds step {held} (a copied or renamed directory)')
+      continue
+    if not has_digest:
+      logging.warning('Checkpoint step %d has no integrity digest (saved by an '
+                      'older vit_jax); it restores, so resuming from it.', step)
+    return step, state
+
+
+# ---------------------------------------------------------------------------
+# Exports.
+# ---------------------------------------------------------------------------
+
+def remove_stale_exports(workdir: str) -> list[str]:
+  """Deletes `<name>.tmp-<pid>` files left by killed runs (we hold the lock).
+
+  `checkpoint.save` writes an export to such a temporary name and renames it;
+  a run killed in between, or a full disk, leaves one behind.
+  """
+  removed = []
+  if not _is_main() or '://' in workdir or not os.path.isdir(workdir):
+    return removed
+  for name in os.listdir(workdir):
+    base, sep, pid = name.rpartition('.tmp-')
+    if sep and pid.isdigit() and base:
+      os.remove(os.path.join(workdir, name))
+      removed.append(name)
+  if removed:
+    logging.warning('Removed temporary files of an interrupted run from %s: %s.',
+                    workdir, ', '.join(removed))
+  return removed
