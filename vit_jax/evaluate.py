@@ -23,6 +23,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from vit_jax import config_cli
+
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 if (_REPO / 'configs').is_dir() and str(_REPO) not in sys.path:
   sys.path.insert(0, str(_REPO))
@@ -86,4 +88,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_cli.flags_parser(_CONFIG))

@@ -54,6 +54,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vit_jax import config_cli
+
 # `configs/*.py` import `configs.common`: make the repository root importable
 # when running from elsewhere.
 _REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -147,4 +149,5 @@ def main(argv) -> None:
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  # One-line errors for unknown keys and bad values; `--config.key=None`.
+  app.run(main, flags_parser=config_cli.flags_parser(_CONFIG))

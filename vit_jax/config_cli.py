@@ -1,0 +1,123 @@
+"""Command-line config overrides that fail in one line and accept `None`.
+
+`ml_collections.config_flags` parses `--config.key=value` with the type of
+the key's current value, so `--config.optim.grad_clip_norm=None` (documented
+as turning clipping off) was a parsing error, and an unknown key ended in a
+55-line traceback. `flags_parser(config_flag)` is the `flags_parser` for
+`absl.app.run` of the entry points that take `--config`:
+
+  * `--config.<key>=None` sets an existing key to None (validation then says
+    whether that key may be None);
+  * an unknown key, or a value of the wrong type, prints one line naming the
+    key (and the nearest valid keys) and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from absl import flags
+
+_OVERRIDE = re.compile(r'--config\.([A-Za-z_][\w.]*)=(.*)$', re.S)
+
+
+def _keys(config: Any, prefix: str = '') -> list[str]:
+  out = []
+  for k in config.keys():
+    v = config[k]
+    out.append(prefix + k)
+    if hasattr(v, 'keys') and callable(v.keys):
+      out += _keys(v, f'{prefix}{k}.')
+  return out
+
+
+def _has(config: Any, key: str) -> bool:
+  node = config
+  for part in key.split('.'):
+    if not hasattr(node, 'keys') or part not in node.keys():
+      return False
+    node = node[part]
+  return True
+
+
+def nearest_keys(config: Any, key: str, n: int = 3) -> list[str]:
+  """Close spellings first, then the keys beside it (its deepest valid parent's)."""
+  parts = key.split('.')
+  ancestors = {'.'.join(parts[:i]) for i in range(1, len(parts))}
+  keys = [k for k in _keys(config) if k not in ancestors]
+  near = difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
+  parent = max((a for a in ancestors if _has(config, a)), key=len, default='')
+  siblings = [k for k in keys if k.rpartition('.')[0] == parent and k not in near]
+  return near + siblings[:max(0, n + 2 - len(near))]
+
+
+def set_none(config: Any, key: str) -> None:
+  *parents, leaf = key.split('.')
+  node = config
+  for part in parents:
+    node = node[part]
+  if leaf not in node.keys():
+    raise KeyError(key)
+  setattr(node, leaf, None)
+
+
+def describe_error(config: Any, args: Sequence[str], error: Exception) -> str:
+  """One line: what is wrong with which --config override, and what is valid."""
+  if config is not None:
+    for arg in args:
+      m = _OVERRIDE.match(arg)
+      if m and not _has(config, m.group(1)):
+        near = nearest_keys(config, m.group(1))
+        return (f'unknown config key {m.group(1)!r} in {arg}' +
+                (f'; nearest valid keys: {", ".join(near)}' if near else '') + '.')
+  m = re.search(r'flag --config\.([\w.]+)=(.*?): (.*)', str(error), re.S)
+  if m and config is not None and _has(config, m.group(1)):
+    key, value, why = m.groups()
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+    return (f'bad value {value!r} for config.{key} ({why.strip().splitlines()[0]}): '
+            f'it takes {type(node).__name__} values like its current one, {node!r}'
+            + (' (or None)' if node is None else '') + '.')
+  return ' '.join(str(error).split())
+
+
+def flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
+  """The `flags_parser` for `app.run` of an entry point with `--config`."""
+
+  def parse(argv: list[str]) -> list[str]:
+    nones = [m.group(1) for a in argv[1:]
+             if (m := _OVERRIDE.match(a)) and m.group(2) == 'None']
+    rest = [a for a in argv if not ((m := _OVERRIDE.match(a)) and m.group(2) == 'None')]
+    try:
+      remaining = flags.FLAGS(rest)
+      for key in nones:
+        if config_flag.value is not None:
+          set_none(config_flag.value, key)
+      return remaining
+    except Exception as e:  # pylint: disable=broad-except
+      config = _base_config(argv)
+      sys.stderr.write(f'ERROR: {describe_error(config, argv[1:], e)}\n')
+      sys.exit(1)
+
+  return parse
+
+
+def _base_config(argv: Sequence[str]) -> Any:
+  """The config file's config without overrides, or None if it does not load."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(':')
+  try:
+    module_spec = importlib.util.spec_from_file_location('_vit_jax_config', path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
