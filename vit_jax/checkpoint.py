@@ -299,7 +299,7 @@ def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: b
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
 
 
-def _shape_diff(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+def shape_diff(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
   lines = []
   missing = sorted(set(expected) - set(restored))
   unexpected = sorted(set(restored) - set(expected))
@@ -347,7 +347,7 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
       restored[POSEMB_KEY] = interpolate_posembed(
           old, np.shape(new)[1], num_prefix, new_grid=grid)
 
-  diff = _shape_diff(restored, expected)
+  diff = shape_diff(restored, expected)
   if diff:
     raise CheckpointError(
         f'Checkpoint {pretrained_path} does not fit the model '

@@ -16,6 +16,7 @@ position embeddings are interpolated as for fine-tuning (paper §3.2).
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import sys
@@ -61,8 +62,13 @@ def evaluate_checkpoint(config, checkpoint: str, dtype: str | None = None) -> di
         f'trained on (fine-tune it first with python -m vit_jax.main).')
   mesh = sharding.make_mesh(config.get('mesh'))
   eval_step = jax.jit(train.make_eval_step(bundle.model))
-  return train.evaluate_split(eval_step, bundle.params, bundle.batch_stats, config,
-                              sharding.batch_sharding(mesh))
+  metrics = train.evaluate_split(eval_step, bundle.params, bundle.batch_stats, config,
+                                 sharding.batch_sharding(mesh))
+  if not all(math.isfinite(v) for v in metrics.values()):
+    raise predict.PredictError(
+        f'{checkpoint} gives non-finite metrics {metrics} on {config.dataset}: '
+        'not reported. Is the checkpoint from a diverged run?')
+  return metrics
 
 
 def main(argv) -> None:

@@ -221,6 +221,7 @@ def load_bundle(checkpoint: str | None = None, model: Any = None,
         pos['pos_embedding'], grid[0] * grid[1] + prefix, has_class_token=prefix > 0,
         new_grid=grid)
   module = models.get_model(model_config, num_classes=int(info['num_classes']), dtype=dtype)
+  _check_fits(module, params, size, checkpoint, model_config)
   names = read_labels(labels) if labels else None
   if names is not None and len(names) != info['num_classes']:
     raise PredictError(
@@ -230,6 +231,24 @@ def load_bundle(checkpoint: str | None = None, model: Any = None,
                 image_size=size, pp_eval=pp_eval,
                 crop_fraction=crop_fraction, labels=names, checkpoint=checkpoint,
                 model_config=model_config)
+
+
+def _check_fits(module: Any, params: Any, size: tuple[int, int], checkpoint: str,
+                model_config: Any) -> None:
+  """Every key and shape of the model in the checkpoint, or a PredictError listing them."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from vit_jax import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  rng = jax.random.PRNGKey(0)
+  expected = jax.eval_shape(lambda: module.init(
+      {'params': rng, 'dropout': rng}, jnp.zeros((1, *size, 3)), train=False))['params']
+  diff = ckpt.shape_diff(ckpt.flatten(params), ckpt.flatten(expected))
+  if diff:
+    raise PredictError(
+        f'Checkpoint {checkpoint} does not fit the model '
+        f'{_get(model_config, "model_name") or ""}: another architecture, or a '
+        'damaged file?\n' + '\n'.join(diff))
 
 
 # ---------------------------------------------------------------------------
@@ -331,7 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   except PredictError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  results = top_k(predict_probs(bundle, images, args.batch_size), args.top_k, bundle.labels)
+  probs = predict_probs(bundle, images, args.batch_size)
+  if not np.all(np.isfinite(probs)):
+    print(f'error: the model gave non-finite outputs for {bundle.checkpoint}; '
+          'no predictions printed.', file=sys.stderr)
+    return 1
+  results = top_k(probs, args.top_k, bundle.labels)
   if args.json:
     print(json.dumps([{'image': p, 'top_k': r} for p, r in zip(paths, results)], indent=1))
   else:
