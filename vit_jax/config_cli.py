@@ -93,6 +93,8 @@ def flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
     nones = [m.group(1) for a in argv[1:]
              if (m := _OVERRIDE.match(a)) and m.group(2) == 'None']
     rest = [a for a in argv if not ((m := _OVERRIDE.match(a)) and m.group(2) == 'None')]
+    # config_flags reads the overrides off sys.argv: hide the None ones.
+    sys.argv[:] = rest
     try:
       remaining = flags.FLAGS(rest)
       for key in nones:
