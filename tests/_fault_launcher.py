@@ -21,6 +21,7 @@ the patches wrap orbax's finalization, `vit_jax.workdir.write_digest` and
 """
 
 import os
+import pathlib
 import random
 import runpy
 import signal
@@ -35,6 +36,8 @@ def _kill(what: str) -> None:
 
 
 def main() -> None:
+  # This repository's vit_jax (and configs), not an installed copy.
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
   point, seed = sys.argv[1], int(sys.argv[2])
   args = sys.argv[sys.argv.index('--') + 1:]
   rng = random.Random(seed)

@@ -79,8 +79,10 @@ def test_missing_checkpoint_via_cli_fails_fast_with_download_hint(tmp_path):
   assert 'Pre-trained checkpoint not found' in out.stderr
   assert 'gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz' in out.stderr
   assert time.time() - start < 120  # no data or model work before the check
-  cfg = json.loads((tmp_path / 'config.json').read_text())
-  assert cfg['model_name'] == 'ViT-B_32' and cfg['num_classes'] == 100
+  # A refused launch leaves no config.json: it is the identity of an accepted run.
+  assert not (tmp_path / 'config.json').exists()
+  cfg = importlib.import_module('configs.vit').get_config('b32,cifar100')
+  assert cfg.model_name == 'ViT-B_32' and cfg.num_classes == 100
 
 
 def _network_reachable() -> bool:
