@@ -229,6 +229,16 @@ def test_damaged_newest_and_stray_steps(finished, tmp_path, how):
   assert_same_export(workdir, finished)
 
 
+def test_export_refuses_a_damaged_step(finished, tmp_path):
+  from vit_jax import export as export_lib  # pylint: disable=g-import-not-at-top
+  workdir = copy_of(finished, tmp_path)
+  damaged = _damage(workdir / 'checkpoints' / str(TOTAL), 'bitflip')
+  with pytest.raises(export_lib.ExportError, match=f'step {TOTAL} .* is damaged: changed {damaged}'):
+    export_lib.export(str(workdir), str(tmp_path / 'out.npz'), TOTAL)
+  assert not (tmp_path / 'out.npz').exists()
+  export_lib.export(str(workdir), str(tmp_path / 'out.npz'), 4)  # An intact step.
+
+
 @pytest.mark.slow
 def test_legacy_step_without_digest_still_resumes(finished, tmp_path):
   workdir = copy_of(finished, tmp_path)

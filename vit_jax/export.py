@@ -99,6 +99,11 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[int, dict[
   elif step not in steps:
     raise ExportError(f'No checkpoint for step {step} in {directory}; available steps: {steps}.')
   step_dir = _step_dir(directory, step)
+  from vit_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  _, problem = workdir_lib.check_digest(directory, step)
+  if problem:
+    raise ExportError(f'Checkpoint step {step} in {directory} is damaged: {problem}. '
+                      f'Export another step (available: {steps}).')
   # The state may be the manager's single item ('default') or one item of a
   # composite checkpoint: take the item whose tree holds 'params'.
   for item in sorted(os.listdir(step_dir)):
@@ -179,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       step = None  # the latest step goes where predict looks
     out = args.out or default_out(args.workdir, step)
     step, out = export(args.workdir, out, args.step)
-  except ExportError as e:
+  except ValueError as e:  # ExportError, or CheckpointError (e.g. a full disk)
     print(f'error: {e}', file=sys.stderr)
     return 1
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top

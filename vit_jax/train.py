@@ -5,12 +5,18 @@ section 4.2):
 
   config -> mesh -> data -> model -> state (sharded init, pre-trained weights
   or resume) -> optimizer -> jitted train / eval steps -> loop (log, eval,
-  checkpoint, NaN guard) -> export `<workdir>/<model_name>.npz`.
+  checkpoint, NaN and divergence guards) -> export `<workdir>/<model_name>.npz`.
 
 Workdir layout (others rely on it):
-  config.json          the resolved config
+  config.json          the resolved config: the run's identity, written once
+                       the launch is accepted; a relaunch that changes a
+                       trajectory key is refused (vit_jax.workdir)
   checkpoints/<step>/  orbax checkpoints of {step, params, opt_state[,
-                       batch_stats]}; training resumes from the latest one
+                       batch_stats]} plus vit_jax_digest.json; training
+                       resumes from the newest one that verifies
+  workdir.lock         the live run holding the workdir (vit_jax.workdir)
+  config_changes.jsonl changes accepted with --config.resume_changed=True
+  damaged_checkpoints/ steps that failed verification, moved aside
   <model_name>.npz     final params in the official layout (`checkpoint.load`)
   labels.txt           class names, one per line, in label order
   events.out.tfevents* TensorBoard scalars (train_loss, lr, accuracy_test,

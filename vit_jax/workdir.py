@@ -72,7 +72,7 @@ def _broadcast(value: int) -> int:
 
 
 def _now() -> str:
-  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
+  return datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')
 
 
 # ---------------------------------------------------------------------------
@@ -210,7 +210,10 @@ class hold:  # pylint: disable=invalid-name
 
   def __enter__(self) -> hold:
     error = None
-    if _is_main() and '://' not in self.workdir:
+    if '://' in self.workdir:
+      logging.warning('%s is remote: not locked (no atomic create there); make '
+                      'sure no other run uses it.', self.workdir)
+    elif _is_main():
       try:
         self.lock = WorkdirLock(self.workdir).acquire()
       except WorkdirError as e:
