@@ -210,20 +210,22 @@ def test_damaged_newest_and_stray_steps(finished, tmp_path, how):
   ckpts = workdir / 'checkpoints'
   (workdir / EXPORT).unlink()
   damaged = _damage(ckpts / str(TOTAL), how)
-  # A stray copy (here of step 4, renamed 99) and a directory that is not a
-  # finalized step.
+  # A stray copy (here of step 4, renamed 99), a step directory that orbax
+  # never finalized, and a directory that is no step at all.
   shutil.copytree(ckpts / '4', ckpts / '99')
+  (ckpts / '12').mkdir()
   (ckpts / 'notes').mkdir()
   out = run(workdir, *SAME)
   log = ' '.join(out.stderr.split())
   assert 'Checkpoint step 99' in log and 'saved as step 4' in log
+  assert 'Checkpoint step 12' in log and 'not a finalized orbax step' in log
   assert f'Checkpoint step {TOTAL}' in log and damaged in log
   assert 'kept, not deleted' in log
   assert re.search(r'Resumed from .* at step 4\.', out.stderr)
-  # Both moved aside, never deleted; training went on from step 4 and ended
+  # Moved aside, never deleted; training went on from step 4 and ended
   # bit-identical to the uninterrupted run, saving every later step again.
   aside = workdir / workdir_lib.DAMAGED_DIR
-  assert sorted(p.name for p in aside.iterdir() if p.is_dir()) == ['6', '99']
+  assert sorted(p.name for p in aside.iterdir() if p.is_dir()) == ['12', '6', '99']
   assert 'saved as step 4' in (aside / '99.why.txt').read_text()
   assert steps(workdir) == [4, 6] and (ckpts / 'notes').is_dir()
   assert_same_export(workdir, finished)
@@ -463,8 +465,11 @@ def test_half_precision_checkpoints_are_upcast(params, tmp_path):
     # And they fine-tune: load_pretrained resamples a half-precision posemb.
     config = tiny_config()
     model, mc = train.build_model(config, 10)
-    init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))['params']
+    # At 12x12 (36 patches, the checkpoint has 16): scipy's zoom resamples
+    # the position embeddings, which it cannot do in float16.
+    init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)))['params']
     out = ckpt_lib.flatten(ckpt_lib.load_pretrained(str(tmp_path / 'half.npz'), init, mc))
+    assert out[ckpt_lib.POSEMB_KEY].shape == (1, 37, 32)
     assert all(v.dtype == np.float32 for v in out.values())
 
 

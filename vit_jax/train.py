@@ -698,17 +698,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       abstract, mesh, rules, (config.get('mesh') or {}).get('min_size', 2 ** 12))
 
   ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=config.get('keep_checkpoints', 3) or None,
-      enable_async_checkpointing=False, create=True,
-      cleanup_tmp_directories=True))  # Leftovers of a run killed mid-save.
+  def make_manager():
+    return ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
+        max_to_keep=config.get('keep_checkpoints', 3) or None,
+        enable_async_checkpointing=False, create=True,
+        cleanup_tmp_directories=True))  # Leftovers of a run killed mid-save.
   target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract, state_sh)
   # The newest step that verifies (digest, restores, holds its own step);
   # damaged or stray ones are moved to <workdir>/damaged_checkpoints.
-  latest, state = workdir_lib.restore_newest_intact(
-      manager, lambda step: manager.restore(
+  manager, latest, state = workdir_lib.restore_newest_intact(
+      make_manager, lambda m, step: m.restore(
           step, args=ocp.args.StandardRestore(target)),
       workdir, ckpt_dir, lambda s: int(sharding.to_host(s['step'])))
   if latest is not None:

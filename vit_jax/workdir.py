@@ -384,38 +384,47 @@ def move_aside(workdir: str, ckpt_dir: str, step: int, reason: str) -> str:
   return str(dest)
 
 
-def restore_newest_intact(manager: Any, restore: Callable[[int], Any],
+def restore_newest_intact(make_manager: Callable[[], Any],
+                          restore: Callable[[Any, int], Any],
                           workdir: str, ckpt_dir: str,
-                          step_of: Callable[[Any], int]) -> tuple[int | None, Any]:
-  """(step, state) of the newest checkpoint that verifies, or (None, None).
+                          step_of: Callable[[Any], int]) -> tuple[Any, int | None, Any]:
+  """(manager, step, state) of the newest step that verifies; step None if none.
 
-  A step verifies when its digest (if it has one: checkpoints written before
-  digests existed have none) matches, it restores, and the step it holds is
-  the step its directory is named after. A failing one is moved aside and the
-  next older one tried. A step whose digest matches but which does not
-  restore is intact but of another config: that is an error, not damage.
+  A step verifies when it is a finalized orbax step, its digest (if it has
+  one: checkpoints written before digests existed have none) matches, it
+  restores, and the step it holds is the step its directory is named after.
+  A failing one is moved aside and the next older one tried, with a fresh
+  manager (orbax caches what it learnt from the bad directory). A step whose
+  digest matches but which does not restore is intact but of another config:
+  that is an error, not damage.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  def aside(step: int, reason: str) -> None:
+  manager = make_manager()
+
+  def aside(step: int, reason: str) -> Any:
     move_aside(workdir, ckpt_dir, step, reason)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'vit_jax_move_aside_{step}')
-    manager.reload()
+    manager.close()
+    return make_manager()
 
   while True:
     step = manager.latest_step()
     if step is None:
-      return None, None
+      return manager, None, None
+    if not (_epath(ckpt_dir) / str(step) / '_CHECKPOINT_METADATA').exists():
+      manager = aside(step, 'it is not a finalized orbax step (no _CHECKPOINT_METADATA)')
+      continue
     has_digest, problem = (check_digest(ckpt_dir, step) if _is_main()
                            else (False, None))
     has_digest = bool(_broadcast(has_digest))
     if _broadcast(problem is not None):
-      aside(step, problem or 'process 0 found it damaged')
+      manager = aside(step, problem or 'process 0 found it damaged')
       continue
     try:
-      state = restore(step)
+      state = restore(manager, step)
     except Exception as e:  # orbax raises many types.  # pylint: disable=broad-except
       if has_digest:
         from vit_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
@@ -423,16 +432,16 @@ def restore_newest_intact(manager: Any, restore: Callable[[int], Any],
             f'{ckpt_dir} holds an intact checkpoint at step {step} that does '
             f'not fit this config ({type(e).__name__}: {str(e)[:500]}). Use a '
             'fresh --workdir, or the config that wrote it.') from e
-      aside(step, f'it does not restore ({type(e).__name__}: {str(e)[:300]})')
+      manager = aside(step, f'it does not restore ({type(e).__name__}: {str(e)[:300]})')
       continue
     held = step_of(state)
     if held != step:
-      aside(step, f'it holds step {held} (a copied or renamed directory)')
+      manager = aside(step, f'it holds step {held} (a copied or renamed directory)')
       continue
     if not has_digest:
       logging.warning('Checkpoint step %d has no integrity digest (saved by an '
                       'older vit_jax); it restores, so resuming from it.', step)
-    return step, state
+    return manager, step, state
 
 
 # ---------------------------------------------------------------------------
