@@ -492,6 +492,15 @@ def _cli(module, *args):
                         capture_output=True, text=True, timeout=240, check=False)
 
 
+def test_predict_bundle_refuses_non_finite_params(params, tmp_path, finished):
+  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  nan = dict(params)
+  nan['head/bias'] = np.full_like(nan['head/bias'], np.nan)
+  with pytest.raises(predict.PredictError, match='non-finite values in 1 arrays: head/bias'):
+    predict.load_bundle(_write(tmp_path / 'nan.npz', nan), workdir=str(finished))
+
+
+@pytest.mark.slow
 def test_predict_and_evaluate_print_nothing_from_bad_checkpoints(params, tmp_path, finished):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   Image.fromarray(np.full((8, 8, 3), 128, np.uint8)).save(tmp_path / 'x.png')
