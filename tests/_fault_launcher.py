@@ -6,8 +6,9 @@ Usage (the tests' fault-injection suite):
 
 POINT is where the process kills itself with SIGKILL:
 
-  save    inside the N-th orbax save, after its files are written and before
-          the step is finalized (orbax's temporary directory is left behind)
+  save    inside an orbax save: at the N-th finalization (two per save: the
+          item, then the step), after the files are written and before the
+          rename (orbax's temporary directory is left behind)
   digest  after the N-th orbax save is finalized, before its integrity
           digest is written
   export  inside the export, with the `.npz.tmp-<pid>` file fully written
@@ -41,7 +42,7 @@ def main() -> None:
   point, seed = sys.argv[1], int(sys.argv[2])
   args = sys.argv[sys.argv.index('--') + 1:]
   rng = random.Random(seed)
-  nth = rng.randint(1, 3)        # which save (checkpoint_every=2, 6 steps: 3 saves)
+  nth = rng.randint(1, 3)        # which save / finalization / digest
   delay = rng.uniform(2.0, 25.0)  # seconds, for POINT=time
   print(f'fault: point={point} seed={seed} nth={nth} delay={delay:.3f}s',
         file=sys.stderr, flush=True)

@@ -216,6 +216,7 @@ def test_damaged_newest_and_stray_steps(finished, tmp_path, how):
   (ckpts / '12').mkdir()
   (ckpts / 'notes').mkdir()
   out = run(workdir, *SAME)
+  assert 'Traceback' not in out.stderr and 'Event loop is closed' not in out.stderr
   log = ' '.join(out.stderr.split())
   assert 'Checkpoint step 99' in log and 'saved as step 4' in log
   assert 'Checkpoint step 12' in log and 'not a finalized orbax step' in log
