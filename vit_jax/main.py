@@ -17,7 +17,12 @@ Examples (from the repository root):
   python -m vit_jax.main --config=configs/folder.py:/data/my_images --workdir=DIR
 
 Re-running the same command with the same --workdir resumes from the last
-checkpoint at the exact step and data position.
+checkpoint at the exact step and data position. A relaunch that changes the
+trajectory (model, data, optimizer, schedule, batch, seed, total_steps) is
+refused, listing the changes; add --config.resume_changed=True to continue
+with the new values anyway. A second run on a workdir in use is refused.
+Config errors (unknown keys, bad values) are one line; `--config.key=None`
+works for the keys documented as None-able (configs/common.py).
 
 Multi-host (one process per host, same command everywhere):
 
