@@ -313,6 +313,23 @@ def test_lock_from_another_host_is_stale_only_after_the_timeout(tmp_path):
   assert not lock.exists()
 
 
+def test_lock_of_a_live_pid_here_heartbeats_and_only_ages_out(tmp_path, monkeypatch):
+  lock = tmp_path / workdir_lib.LOCK_NAME
+  live = {'host': socket.gethostname(), 'pid': os.getppid(), 'start_time': 'then'}
+  lock.write_text(json.dumps(live))
+  with pytest.raises(workdir_lib.WorkdirError, match=f'pid {os.getppid()}, started then'):
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+  # A pid reused by another process (containers) keeps no lock forever: a
+  # live holder refreshes it, so an unrefreshed one ages out.
+  old = time.time() - workdir_lib.STALE_AFTER_S - 5
+  os.utime(lock, (old, old))
+  monkeypatch.setattr(workdir_lib, 'HEARTBEAT_S', 0.05)
+  mine = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+  time.sleep(0.3)
+  assert time.time() - lock.stat().st_mtime < 0.5  # The heartbeat refreshes it.
+  mine.release()
+
+
 # ---------------------------------------------------------------------------
 # Divergence beyond NaN.
 # ---------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from absl import logging
 LOCK_NAME = 'workdir.lock'
 # A live holder touches the lock every HEARTBEAT_S seconds. A lock from
 # another host (a shared filesystem, where its pid cannot be checked) is
-# stale once it has not been touched for STALE_AFTER_S seconds.
+# stale once it has not been touched for STALE_AFTER_S seconds (also on this
+# host, where a dead pid makes it stale at once).
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
 DIGEST_NAME = 'vit_jax_digest.json'
@@ -95,8 +96,9 @@ class WorkdirLock:
   Acquiring writes the holder to a temporary file and hard-links it to
   `workdir.lock`, which fails when the lock exists: no window in which a
   half-written lock is visible. A lock is stale, and taken over with a
-  warning, when its pid is dead on this host, or, held from another host,
-  when it has not been refreshed for STALE_AFTER_S seconds.
+  warning, when its pid is dead on this host, or when it has not been
+  refreshed for STALE_AFTER_S seconds (the only test for a holder on another
+  host of a shared filesystem).
   """
 
   def __init__(self, workdir: str):
@@ -124,7 +126,10 @@ class WorkdirLock:
     if host == self.holder['host'] and isinstance(pid, int):
       if pid == os.getpid():
         return 'it is this process\'s own (an earlier run that did not end)'
-      return None if _pid_alive(pid) else f'process {pid} is no longer running'
+      if not _pid_alive(pid):
+        return f'process {pid} is no longer running'
+    # A live holder refreshes it every HEARTBEAT_S: this also frees a lock
+    # whose pid was reused (containers) or that another host left behind.
     if age > STALE_AFTER_S:
       return (f'it was last refreshed {age:.0f} s ago (> {STALE_AFTER_S:.0f} s, '
               'vit_jax.workdir.STALE_AFTER_S)')
