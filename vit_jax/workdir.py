@@ -266,8 +266,8 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]
 
 
 def has_checkpoint(workdir: str) -> bool:
-  d = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+  d = _epath(workdir) / 'checkpoints'
+  return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
 def check_config_drift(config: Any, workdir: str) -> dict[str, tuple[Any, Any]]:
@@ -278,11 +278,10 @@ def check_config_drift(config: Any, workdir: str) -> dict[str, tuple[Any, Any]]:
   (`log_accepted_changes` records them). Cadence keys (CADENCE_KEYS) never
   count.
   """
-  path = os.path.join(workdir, 'config.json')
-  if not (os.path.isfile(path) and has_checkpoint(workdir)):
+  path = _epath(workdir) / 'config.json'
+  if not (path.is_file() and has_checkpoint(workdir)):
     return {}
-  with open(path) as f:
-    old = json.load(f)
+  old = json.loads(path.read_text())
   changes = config_changes(old, json.loads(config_json(config)))
   if not changes or config.get('resume_changed'):
     return changes
@@ -301,21 +300,21 @@ def log_accepted_changes(workdir: str, changes: Mapping[str, tuple[Any, Any]],
   logging.warning('config.resume_changed=True: resuming %s at step %s with '
                   'changed %s.', workdir, step,
                   '; '.join(f'{k}: {o!r} -> {n!r}' for k, (o, n) in changes.items()))
-  with open(os.path.join(workdir, CHANGES_NAME), 'a') as f:
-    f.write(json.dumps({'time': _now(), 'step': step,
-                        'changes': {k: list(v) for k, v in changes.items()}}) + '\n')
+  path = _epath(workdir) / CHANGES_NAME
+  old = path.read_text() if path.exists() else ''  # gs:// cannot append.
+  path.write_text(old + json.dumps({'time': _now(), 'step': step, 'changes': {
+      k: list(v) for k, v in changes.items()}}) + '\n')
 
 
 def write_config(config: Any, workdir: str) -> None:
   """Writes config.json (atomically) once the launch is accepted."""
   if not _is_main():
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, 'config.json')
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(config_json(config))
-  os.replace(tmp, path)
+  path = _epath(workdir) / 'config.json'
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f'config.json.tmp-{os.getpid()}'
+  tmp.write_text(config_json(config))
+  tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------
@@ -348,7 +347,7 @@ def write_digest(ckpt_dir: str, step: int) -> None:
   tmp = step_dir / f'{DIGEST_NAME}.tmp'
   tmp.write_text(json.dumps({'step': step, 'files': _file_digests(step_dir)},
                             indent=1, sort_keys=True))
-  tmp.rename(step_dir / DIGEST_NAME)
+  tmp.replace(step_dir / DIGEST_NAME)
 
 
 def check_digest(ckpt_dir: str, step: int) -> tuple[bool, str | None]:
