@@ -19,29 +19,11 @@ for scale; CIFAR-10 fine-tunes land around 98.5-99%): B/16 85.49%, L/16
 import ml_collections
 
 from configs import common
+from vit_jax import download
 
 # Short name -> (model preset, checkpoint file in gs://vit_models/augreg/):
-# the recommended (best upstream) checkpoints of the original README.
-CHECKPOINTS = {
-    'Ti_16': ('ViT-Ti_16',
-              'Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz'),
-    'S_16': ('ViT-S_16',
-             'S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz'),
-    'S_32': ('ViT-S_32',
-             'S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0.npz'),
-    'B_16': ('ViT-B_16',
-             'B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz'),
-    'B_32': ('ViT-B_32',
-             'B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0.npz'),
-    'L_16': ('ViT-L_16',
-             'L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0.npz'),
-    'R_Ti_16': ('R+Ti_16',
-                'R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz'),
-    'R26_S_32': ('R26+ViT-S_32',
-                 'R26_S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0.npz'),
-    'R50_L_32': ('R50+ViT-L_32',
-                 'R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1.npz'),
-}
+# one table, vit_jax.download's (`--config.pretrained_path=B_16` loads by name).
+CHECKPOINTS = download.AUGREG
 
 
 def get_config(arg: str | None = 'B_16') -> ml_collections.ConfigDict:

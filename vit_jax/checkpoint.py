@@ -24,11 +24,10 @@ import scipy.ndimage
 
 PREFIXES = ('opt/target/', 'params/')
 DOWNLOAD_HINT = (
-    'Official checkpoints live in gs://vit_models/imagenet21k/ (e.g. ViT-B_16.npz) '
-    'and gs://vit_models/augreg/. Download one with\n'
-    '  gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz .\n'
-    '(or https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz) and '
-    'point pretrained_path at the local file.')
+    'Official checkpoints load by name and are downloaded once into '
+    '$VIT_JAX_CACHE_DIR (default ~/.cache/vit_jax): ViT-B_16 (the paper\'s '
+    'imagenet21k/ViT-B_16.npz), imagenet21k+imagenet2012/ViT-B_16, or an AugReg '
+    'short name such as B_16 (vit_jax.download).')
 
 
 class CheckpointError(ValueError):
@@ -80,7 +79,11 @@ def _is_remote(path: str) -> bool:
 
 
 def _read_bytes(path: str) -> bytes:
-  path = os.fspath(path)
+  from vit_jax import download  # pylint: disable=g-import-not-at-top
+  try:   # Official names and URLs: a cached local copy, downloaded once.
+    path = download.resolve(path)
+  except download.DownloadError as e:
+    raise CheckpointError(str(e)) from None
   if _is_remote(path):
     from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
     try:
@@ -413,9 +416,13 @@ def match_preset(params: Mapping[str, Any]) -> list[str]:
 
 
 def main(argv: Sequence[str]) -> int:
-  if len(argv) != 1:
-    print('usage: python -m vit_jax.checkpoint PATH.npz', file=sys.stderr)
-    return 2
+  if len(argv) != 1 or argv[0].startswith('-'):
+    print('usage: python -m vit_jax.checkpoint PATH.npz | NAME\n'
+          'Prints the keys, shapes, architecture and matching preset of a checkpoint: a '
+          'local .npz, or an official name (ViT-B_16, imagenet21k+imagenet2012/ViT-B_16, '
+          'AugReg B_16, ...) downloaded once into $VIT_JAX_CACHE_DIR.',
+          file=sys.stderr if not argv or not argv[0] in ('-h', '--help') else sys.stdout)
+    return 0 if argv and argv[0] in ('-h', '--help') else 2
   try:
     variables = load_variables(argv[0])
   except CheckpointError as e:

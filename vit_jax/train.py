@@ -375,9 +375,10 @@ def check_remote_reachable(path: str, timeout: float = 10.0) -> None:
   tf.io.gfile retries for ~200 s without network; a TCP connect to the
   storage host with a timeout tells us first.
   """
+  from vit_jax import download  # pylint: disable=g-import-not-at-top
   scheme = path.split('://', 1)[0] if '://' in path else None
-  if scheme not in _REMOTE_HOSTS:
-    return
+  if scheme not in _REMOTE_HOSTS or download.bucket_path(path) is not None:
+    return   # Official files come through vit_jax.download, with its own timeout.
   host, port = _REMOTE_HOSTS[scheme]
 
   def connect():
@@ -411,6 +412,11 @@ def check_pretrained_available(config: ml_collections.ConfigDict) -> None:
   path = pretrained_path(config)
   if not path:
     return
+  from vit_jax import download  # pylint: disable=g-import-not-at-top
+  try:   # An official name or URL: downloaded (once) now, not after the data work.
+    path = download.resolve(path)
+  except download.DownloadError as e:
+    raise ckpt_lib.CheckpointError(str(e)) from None
   if '://' in path:
     check_remote_reachable(path)
   elif not os.path.exists(path):
