@@ -1,6 +1,8 @@
 """vit_jax: fine-tune, train and study Vision Transformers in JAX/Flax.
 
 Version ranges are the ones tested together (see README, "Tested versions").
+Accelerators: `pip install -e '.[cuda13]'` (or cuda12, tpu) installs jax's own
+accelerator extra at the pinned jax range.
 """
 
 from setuptools import find_packages, setup
@@ -12,7 +14,7 @@ setup(
     'fine-tuning, training from scratch, Rotated Patch Tokenization.',
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
-    python_requires='>=3.10',
+    python_requires='>=3.11',   # jax 0.10's own floor.
     packages=find_packages(include=['vit_jax', 'vit_jax.*']),
     install_requires=[
         'jax>=0.10.0,<0.11',
@@ -32,6 +34,10 @@ setup(
         'matplotlib>=3.8,<4',
     ],
     extras_require={
+        # jax's accelerator extras, at the jax range above.
+        'cuda12': ['jax[cuda12]>=0.10.0,<0.11'],
+        'cuda13': ['jax[cuda13]>=0.10.0,<0.11'],
+        'tpu': ['jax[tpu]>=0.10.0,<0.11'],
         'test': [
             'pytest>=8,<10',
             'nbclient>=0.10,<0.12',
