@@ -63,8 +63,10 @@ _EIGHT_DEVICES = textwrap.dedent("""
       params = {'kernel': jax.random.normal(rng, (64, 256)),
                 'bias': jnp.zeros((256,))}
       return {'params': params, 'opt_state': optax.sgd(0.1, 0.9).init(params)}
-    state, shardings = sharding.init_sharded(init, mesh, jax.random.PRNGKey(0),
-                                             min_size=1024)
+    # As the loop does: shardings from the abstract state, outputs born sharded.
+    shardings = sharding.state_shardings(jax.eval_shape(init, jax.random.PRNGKey(0)), mesh,
+                                         [('.*', 'fsdp')], 1024)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
     k = state['params']['kernel']
     assert k.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp'), k.sharding
     assert {s.data.shape for s in k.addressable_shards} == {(64, 64)}

@@ -421,7 +421,7 @@ def main(argv: Sequence[str]) -> int:
           'Prints the keys, shapes, architecture and matching preset of a checkpoint: a '
           'local .npz, or an official name (ViT-B_16, imagenet21k+imagenet2012/ViT-B_16, '
           'AugReg B_16, ...) downloaded once into $VIT_JAX_CACHE_DIR.',
-          file=sys.stderr if not argv or not argv[0] in ('-h', '--help') else sys.stdout)
+          file=sys.stderr if not argv or argv[0] not in ('-h', '--help') else sys.stdout)
     return 0 if argv and argv[0] in ('-h', '--help') else 2
   try:
     variables = load_variables(argv[0])

@@ -208,10 +208,6 @@ def accumulate_gradients(loss_fn: Callable[..., tuple[jax.Array, Any]],
   return loss_sum / accum_steps, carry, grads
 
 
-def global_norm(tree: PyTree) -> jax.Array:
-  return optax.global_norm(tree)
-
-
 def schedule_values(schedule: Callable[[jax.Array], jax.Array],
                     total_steps: int) -> np.ndarray:
   """lr of updates 1..total_steps, for plots and tests."""

@@ -19,7 +19,7 @@ Explicit axes, which changes how jit propagates shardings.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -128,19 +128,6 @@ def state_shardings(abstract_state: PyTree, mesh: Mesh,
     return NamedSharding(mesh, partition_spec(path_str(path), leaf.shape,
                                               fsdp_size, rules, min_size))
   return jax.tree_util.tree_map_with_path(one, abstract_state)
-
-
-def init_sharded(fn: Callable[..., PyTree], mesh: Mesh, *args,
-                 rules: Sequence[tuple[str, str]] = (('.*', 'fsdp'),),
-                 min_size: int = 2 ** 12) -> tuple[PyTree, PyTree]:
-  """Runs `fn(*args)` under jit with its outputs created already sharded.
-
-  Nothing is materialised on one device first, so a model that only fits
-  sharded can still be initialised. Returns (outputs, their shardings).
-  """
-  abstract = jax.eval_shape(fn, *args)
-  shardings = state_shardings(abstract, mesh, rules, min_size)
-  return jax.jit(fn, out_shardings=shardings)(*args), shardings
 
 
 def rules_from_config(mesh_config: Any) -> list[tuple[str, str]]:
