@@ -1,4 +1,4 @@
-"""Every preset has the original's parameter count (DESIGN.md §1)."""
+"""Every preset has the original's parameter count (224px, 1000-class head, no pre_logits)."""
 
 import jax
 import jax.numpy as jnp

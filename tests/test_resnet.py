@@ -146,7 +146,7 @@ def test_gn3_starts_at_zero_so_units_start_as_projection_plus_relu():
       assert ('conv_proj' in unit) == (u == 1)
 
 
-# DESIGN.md §1: 224px, 1000 classes, no pre_logits.
+# The original's counts: 224px, 1000 classes, no pre_logits.
 HYBRID_COUNTS = {
     'R50+ViT-B_16': 98_659_112,
     'R26+ViT-S_32': 36_431_912,

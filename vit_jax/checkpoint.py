@@ -64,7 +64,7 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _is_groupnorm(key: str) -> bool:
-  # Hybrid ResNet GroupNorms: gn_root, gn1..gn3, gn_proj (DESIGN.md §1).
+  # Hybrid ResNet GroupNorms: gn_root, gn1..gn3, gn_proj (the official R50+ViT files).
   parts = key.split('/')
   return len(parts) >= 2 and parts[-2].startswith('gn') and parts[-1] in ('scale', 'bias')
 
