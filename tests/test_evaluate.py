@@ -33,12 +33,21 @@ def test_evaluate_reproduces_the_training_eval(pretrained):
   np.testing.assert_allclose(got['loss_test'], metrics['loss_test'], rtol=1e-6)
 
 
-def test_evaluate_at_another_resolution_interpolates_posemb(pretrained):
-  npz, _ = pretrained
+def test_evaluate_at_another_resolution_interpolates_posemb(pretrained, tmp_path):
+  """At 12px (6x6 grid; trained 4x4) evaluate resizes the posemb itself: the
+  same numbers as a checkpoint resized beforehand with interpolate_posembed."""
+  npz, metrics = pretrained
   config = tiny_config()
-  config.image_size = 12  # 6x6 grid; the checkpoint has 4x4
+  config.image_size = 12
   got = evaluate.evaluate_checkpoint(config, str(npz))
-  assert got['num_test_examples'] == 359 and 0.0 <= got['accuracy_test'] <= 1.0
+  params = ckpt_lib.load(str(npz))
+  pos = params['Transformer']['posembed_input']
+  pos['pos_embedding'] = ckpt_lib.interpolate_posembed(
+      pos['pos_embedding'], 37, has_class_token=True, new_grid=(6, 6))
+  ckpt_lib.save(params, str(tmp_path / 'resized.npz'))
+  resized = evaluate.evaluate_checkpoint(config, str(tmp_path / 'resized.npz'))
+  assert got == resized and got['num_test_examples'] == 359
+  assert got['loss_test'] != metrics['loss_test']   # Another resolution, other numbers.
 
 
 def test_evaluate_rejects_a_head_of_another_size(pretrained):
