@@ -178,7 +178,11 @@ def test_sigkill_and_relaunch_gives_identical_params(reference, tmp_path):
   _, ref = reference
   workdir = tmp_path / 'killed'
   # From step 3 on, the step-2 checkpoint exists (saved before step 3 runs).
-  kill_at = random.Random().randint(3, TOTAL - 2)
+  # A different step each run, seeded and printed so a failure can be replayed
+  # (VIT_JAX_TEST_SEED=<seed> pytest ...).
+  seed = int(os.environ.get('VIT_JAX_TEST_SEED', random.SystemRandom().randrange(2**31)))
+  kill_at = random.Random(seed).randint(3, TOTAL - 2)
+  print(f'SIGKILL at step {kill_at} (VIT_JAX_TEST_SEED={seed})')
   proc = subprocess.Popen(main_cmd(workdir), cwd=REPO, env=ENV,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
