@@ -379,25 +379,38 @@ def test_missing_checkpoint_says_where_to_get_it(tmp_path):
     train.run(config, str(tmp_path / 'w'))
   assert time.time() - start < 10
   assert 'not found' in str(e.value)
-  assert 'gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz' in str(e.value)
+  assert 'load by name' in str(e.value) and 'ViT-B_16' in str(e.value)
   assert not (tmp_path / 'w' / 'checkpoints').exists()  # never random init
 
 
-def test_unreachable_gcs_fails_fast(monkeypatch):
-  def hang(*args, **kwargs):
-    time.sleep(30)
+def test_unreachable_storage_fails_fast(monkeypatch, tmp_path):
+  """No network: seconds, not gfile's minutes, for gs:// files of any bucket."""
+  from vit_jax import download
+
+  def hang(address, timeout=None, *args, **kwargs):
+    time.sleep(min(timeout or 30, 30))
+    raise socket.timeout('timed out')
   monkeypatch.setattr(socket, 'create_connection', hang)
   start = time.time()
   with pytest.raises(ckpt_lib.CheckpointError, match='storage.googleapis.com is not reachable'):
-    train.check_remote_reachable('gs://vit_models/imagenet21k/ViT-B_16.npz',
-                                 timeout=0.5)
+    train.check_remote_reachable('gs://another-bucket/ViT-B_16.npz', timeout=0.5)
   assert time.time() - start < 5
+  # The official bucket goes through vit_jax.download (https, cached).
+  monkeypatch.setattr(download, 'TIMEOUT_S', 0.5)
+  monkeypatch.setenv('VIT_JAX_CACHE_DIR', str(tmp_path))
+  config = tiny_config()
+  config.pretrained_path = 'gs://vit_models/imagenet21k/ViT-B_16.npz'
+  start = time.time()
+  with pytest.raises(ckpt_lib.CheckpointError, match='no network') as e:
+    train.check_pretrained_available(config)
+  assert time.time() - start < 5
+  assert 'curl -L --create-dirs' in str(e.value)
 
   def refuse(*args, **kwargs):
     raise OSError('Name or service not known')
   monkeypatch.setattr(socket, 'create_connection', refuse)
-  with pytest.raises(ckpt_lib.CheckpointError, match='gsutil cp'):
-    train.check_remote_reachable('gs://vit_models/imagenet21k/ViT-B_16.npz')
+  with pytest.raises(ckpt_lib.CheckpointError, match='is not reachable'):
+    train.check_remote_reachable('gs://another-bucket/ViT-B_16.npz')
 
 
 def test_checkpoint_of_another_architecture(tmp_path):

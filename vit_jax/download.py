@@ -134,8 +134,9 @@ def _manual(url: str, dest: str) -> str:
 
 
 def download(url: str, dest: str, *, progress: bool = True,
-             timeout: float = TIMEOUT_S) -> None:
+             timeout: float | None = None) -> None:
   """Fetches `url` into `dest` through `dest.part` (resumed when present)."""
+  timeout = timeout or TIMEOUT_S
   os.makedirs(os.path.dirname(dest) or '.', exist_ok=True)
   part = dest + '.part'
   offset = os.path.getsize(part) if os.path.isfile(part) else 0
