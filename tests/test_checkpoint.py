@@ -135,7 +135,8 @@ def test_truncated_file_error(tmp_path):
 
 
 def test_missing_file_error(tmp_path):
-  with pytest.raises(checkpoint.CheckpointError, match=r'not found.*\n.*gs://vit_models/imagenet21k'):
+  # A missing file is never mistaken for a name to download; the hint names them.
+  with pytest.raises(checkpoint.CheckpointError, match=r'not found.*\n.*load by name.*ViT-B_16'):
     checkpoint.load(tmp_path / 'ViT-B_16.npz')
 
 
