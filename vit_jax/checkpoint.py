@@ -12,12 +12,14 @@ imported only when such a path is used.
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import os
 import sys
 import zipfile
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.ndimage
@@ -28,6 +30,28 @@ DOWNLOAD_HINT = (
     '$VIT_JAX_CACHE_DIR (default ~/.cache/vit_jax): ViT-B_16 (the paper\'s '
     'imagenet21k/ViT-B_16.npz), imagenet21k+imagenet2012/ViT-B_16, or an AugReg '
     'short name such as B_16 (vit_jax.download).')
+
+
+def unreachable(host: str, port: int = 443, timeout: float = 10.0) -> str | None:
+  """Why `host`:`port` cannot be reached within `timeout` seconds, or None.
+
+  Without network, tf.io.gfile and TFDS downloads retry for minutes; one TCP
+  connect with a timeout says so in seconds.
+  """
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import socket  # pylint: disable=g-import-not-at-top
+
+  def connect():
+    socket.create_connection((host, port), timeout=timeout).close()
+
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+  try:
+    pool.submit(connect).result(timeout=timeout)
+  except (OSError, concurrent.futures.TimeoutError) as e:
+    return f'{host} is not reachable ({type(e).__name__}: {e})'
+  finally:
+    pool.shutdown(wait=False)
+  return None
 
 
 class CheckpointError(ValueError):
@@ -212,11 +236,15 @@ def load(path: str) -> dict[str, Any]:
 
 
 def save(params: Mapping[str, Any], path: str,
-         batch_stats: Mapping[str, Any] | None = None) -> str:
+         batch_stats: Mapping[str, Any] | None = None,
+         model_config: Any = None) -> str:
   """Writes `params` in the official layout; ``load(save(p))`` is bit-identical.
 
   The write is atomic (temp file + rename) for local paths. BatchNorm models
-  (ResNet-56) add `batch_stats/...` keys, which `load` ignores.
+  (ResNet-56) add `batch_stats/...` keys, which `load` ignores. With
+  `model_config`, the sidecar ``<path minus .npz>.json`` records the
+  architecture, so that `infer_model` (fine-tuning, predict) needs no
+  `model_name`.
   """
   flat = {}
   for key, value in flatten(params).items():
@@ -229,11 +257,19 @@ def save(params: Mapping[str, Any], path: str,
   buf = io.BytesIO()
   np.savez(buf, **flat)
   path = os.fspath(path)
+  _write(path, buf.getvalue())
+  if model_config is not None:
+    write_sidecar(path, model_config)
+  return path
+
+
+def _write(path: str, data: bytes) -> None:
+  """Atomic for local paths (temp file + rename); gs:// through tf.io.gfile."""
   if _is_remote(path):
     from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
     with gfile.GFile(path, 'wb') as f:
-      f.write(buf.getvalue())
-    return path
+      f.write(data)
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   # Written under a temporary name and renamed: a reader never sees half a
   # file; a run killed in between leaves `<path>.tmp-<pid>`, which the next
@@ -241,7 +277,7 @@ def save(params: Mapping[str, Any], path: str,
   tmp = f'{path}.tmp-{os.getpid()}'
   try:
     with open(tmp, 'wb') as f:
-      f.write(buf.getvalue())
+      f.write(data)
     os.replace(tmp, path)
   except OSError as e:
     try:
@@ -249,10 +285,53 @@ def save(params: Mapping[str, Any], path: str,
     except OSError:
       pass
     raise CheckpointError(
-        f'Cannot write {path} ({buf.getbuffer().nbytes / 2**20:.1f} MiB): '
+        f'Cannot write {path} ({len(data) / 2**20:.1f} MiB): '
         f'{e.strerror or e}. Free space (or choose another directory) and run '
         'again; nothing was half-written.') from e
-  return path
+
+
+# ---------------------------------------------------------------------------
+# Sidecar: the architecture of a file, next to it.
+# ---------------------------------------------------------------------------
+
+
+def sidecar_path(path: str) -> str:
+  """'dir/ViT-B_16.npz' -> 'dir/ViT-B_16.json'."""
+  path = os.fspath(path)
+  return (path[:-4] if path.endswith('.npz') else path) + '.json'
+
+
+def write_sidecar(path: str, model_config: Any) -> str:
+  """Writes the model config of checkpoint `path` to its sidecar `.json`."""
+  cfg = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
+  text = json.dumps({'model': cfg}, indent=2, sort_keys=True, default=list) + '\n'
+  out = sidecar_path(path)
+  _write(out, text.encode())
+  return out
+
+
+def read_sidecar(path: str) -> dict[str, Any] | None:
+  """The model config recorded next to checkpoint `path`, or None."""
+  side = sidecar_path(path)
+  try:
+    if _is_remote(side):
+      from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+      if not gfile.exists(side):
+        return None
+      with gfile.GFile(side, 'rb') as f:
+        text = f.read()
+    elif os.path.isfile(side):
+      with open(side, 'rb') as f:
+        text = f.read()
+    else:
+      return None
+    model = json.loads(text)['model']
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f'Sidecar {side} is not a model description ({e}); delete it, '
+                          'or rewrite it as {"model": {...model config...}}.') from e
+  if not isinstance(model, dict):
+    raise CheckpointError(f'Sidecar {side}: "model" must be a model config (an object).')
+  return model
 
 
 # ---------------------------------------------------------------------------
@@ -352,10 +431,8 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
 
   diff = shape_diff(restored, expected)
   if diff:
-    raise CheckpointError(
-        f'Checkpoint {pretrained_path} does not fit the model '
-        f'({_getattr(model_config, "model_name") or "model"}); is it another architecture?\n'
-        + '\n'.join(diff))
+    raise CheckpointError(_misfit(f'Checkpoint {pretrained_path}', pretrained_path,
+                                  unflatten(restored), model_config, diff))
   out = {k: np.asarray(v, dtype=np.asarray(expected[k]).dtype) for k, v in restored.items()}
   return unflatten(out)
 
@@ -396,8 +473,61 @@ def describe(params: Mapping[str, Any]) -> dict[str, Any]:
   return info
 
 
+class _Shape(NamedTuple):
+  shape: tuple[int, ...]
+
+
+def _shapes(params: Mapping[str, Any]) -> dict[str, _Shape]:
+  """{'a/b': _Shape(shape)}: `shape_diff` reads `.shape` (np.shape does)."""
+  return {k: _Shape(tuple(np.shape(v))) for k, v in flatten(params).items()}
+
+
+@functools.lru_cache(maxsize=64)
+def _model_shapes(model_json: str) -> dict[str, _Shape]:
+  """Parameter shapes of a model config (abstract init: no memory, no FLOPs)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from vit_jax import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model(json.loads(model_json), num_classes=1)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)), train=False))
+  return _shapes(variables['params'])
+
+
+def _config_json(model_config: Any) -> str:
+  cfg = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
+  return json.dumps(cfg, sort_keys=True, default=list)
+
+
+def arch_diff(params: Mapping[str, Any], model_config: Any) -> list[str]:
+  """Why `params` cannot be fine-tuned as `model_config` ([] if they can).
+
+  Compares what `load_pretrained` keeps: every key and shape, except the
+  head (always replaced), `pre_logits` when the model has none (dropped) and
+  the number of position-embedding tokens (resampled).
+  """
+  got, want = _shapes(params), _model_shapes(_config_json(model_config))
+  is_head = lambda k: k.split('/')[0] in ('head', 'head_dist')
+  got = {k: v for k, v in got.items() if not is_head(k)}
+  want = {k: v for k, v in want.items() if not is_head(k)}
+  if _getattr(model_config, 'representation_size') is None:
+    got = {k: v for k, v in got.items() if not k.startswith('pre_logits/')}
+  for shapes in (got, want):
+    shape = shapes[POSEMB_KEY].shape if POSEMB_KEY in shapes else ()
+    if len(shape) == 3:  # Any number of tokens: resampled to the model's.
+      shapes[POSEMB_KEY] = _Shape((shape[0], -1, shape[2]))
+  return shape_diff(got, want)
+
+
+def num_backbone_params(model_config: Any) -> int:
+  """Parameter count of a model config, head excluded (it depends on the data)."""
+  return sum(int(np.prod(v.shape)) for k, v in _model_shapes(_config_json(model_config)).items()
+             if k.split('/')[0] not in ('head', 'head_dist'))
+
+
 def match_preset(params: Mapping[str, Any]) -> list[str]:
-  """Names of the presets whose architecture the parameters fit."""
+  """Presets whose architecture the parameters fit exactly (`arch_diff`)."""
   from vit_jax.models import presets  # pylint: disable=g-import-not-at-top
   info = describe(params)
   names = []
@@ -405,14 +535,85 @@ def match_preset(params: Mapping[str, Any]) -> list[str]:
     if cfg.get('model_type', 'vit') != 'vit' or info.get('num_layers') is None:
       continue
     resnet = cfg.get('resnet')
+    # A cheap filter on the headline numbers, then the exact tree.
     if (tuple(cfg.patches.size) == tuple(info.get('patch_size', ())) and
         cfg.hidden_size == info.get('hidden_size') and
         cfg.transformer.num_layers == info['num_layers'] and
         cfg.transformer.num_heads == info['num_heads'] and
         cfg.transformer.mlp_dim == info['mlp_dim'] and
-        (tuple(resnet.num_layers) if resnet else None) == info['resnet_layers']):
+        (tuple(resnet.num_layers) if resnet else None) == info['resnet_layers'] and
+        not arch_diff(params, cfg)):
       names.append(name)
   return names
+
+
+def _misfit(what: str, path: str | None, params: Mapping[str, Any], model_config: Any,
+            diff: list[str]) -> str:
+  """The message for a checkpoint that does not fit: what it is instead, then the diff."""
+  try:
+    names = [infer_model(path if path else params).get('model_name')]
+  except CheckpointError:
+    names = []
+  hint = (f' It is a {names[0]}: drop config.model_name (and config.model) to take the '
+          'architecture from the checkpoint.' if names else '')
+  return (f'{what} does not fit the model {_getattr(model_config, "model_name") or "model"}.'
+          f'{hint}\n' + '\n'.join(diff[:3]))
+
+
+def infer_model(params_or_path: Mapping[str, Any] | str | os.PathLike,
+                model: Any = None) -> Any:
+  """The model config (an ml_collections.ConfigDict) of a checkpoint.
+
+  The one place that decides which architecture a checkpoint is:
+  1. `model` (a preset name or a model config) given: it must fit the file
+     (`arch_diff`), else CheckpointError saying what the file is instead.
+  2. The sidecar ``<file>.json`` that every export writes (and that ships
+     next to checkpoints/*.npz) names it.
+  3. Otherwise exactly one preset must have the file's parameter tree (keys
+     and shapes); none or several is a CheckpointError (several: listed).
+  """
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  from vit_jax.models import presets  # pylint: disable=g-import-not-at-top
+  path = os.fspath(params_or_path) if isinstance(params_or_path, (str, os.PathLike)) else None
+  params = load(path) if path else params_or_path
+  what = f'Checkpoint {path}' if path else 'The parameters'
+
+  def recorded() -> tuple[Any, str] | None:
+    side = read_sidecar(path) if path else None
+    if side is None:
+      return None
+    cfg = ml_collections.ConfigDict(side)
+    diff = arch_diff(params, cfg)
+    if diff:
+      raise CheckpointError(
+          f'{what} does not fit the model its sidecar {sidecar_path(path)} describes '
+          f'({cfg.get("model_name")}); the sidecar is stale: delete it.\n' + '\n'.join(diff))
+    return cfg, f'its sidecar {sidecar_path(path)}'
+
+  if model is not None:
+    cfg = (presets.get_config(model) if isinstance(model, str)
+           else ml_collections.ConfigDict(model.to_dict() if hasattr(model, 'to_dict') else model))
+    diff = arch_diff(params, cfg)
+    if not diff:
+      return cfg
+    raise CheckpointError(_misfit(what, path, params, cfg, diff))
+
+  found = recorded()
+  if found is not None:
+    return found[0]
+  names = match_preset(params)
+  if len(names) == 1:
+    return presets.get_config(names[0])
+  if names:
+    raise CheckpointError(f'{what} fits several presets: {", ".join(names)}. Set '
+                          f'config.model_name to the one it is.')
+  facts = ', '.join(f'{k} {v}' for k, v in describe(params).items()
+                    if k != 'num_classes' and v is not None)
+  raise CheckpointError(
+      f'{what} matches none of the presets ({facts}) and has no sidecar '
+      f'{sidecar_path(path) if path else ""}. Set config.model_name to a preset, or '
+      'config.model to its full model config.')
 
 
 def main(argv: Sequence[str]) -> int:
@@ -437,8 +638,10 @@ def main(argv: Sequence[str]) -> int:
     print(f'{k}: {v:,}' if k == 'num_params' else f'{k}: {v}')
   if 'batch_stats' in variables:
     print('batch_stats: yes')
-  matches = match_preset(params)
-  print('preset:', ', '.join(matches) if matches else 'none of the presets (custom architecture)')
+  try:
+    print('model:', infer_model(argv[0]).get('model_name'))
+  except CheckpointError as e:
+    print(f'model: unknown ({e})')
   return 0
 
 

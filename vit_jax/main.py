@@ -52,6 +52,7 @@ is config.batch_size.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import pathlib
 import sys
@@ -88,6 +89,9 @@ _PROCESS_ID = flags.DEFINE_integer(
 _MULTIHOST = flags.DEFINE_bool(
     'multihost', False, 'Call jax.distributed.initialize() with auto-detected '
     'arguments (TPU pods, Slurm, Open MPI).')
+_VERBOSE = flags.DEFINE_bool(
+    'verbose', False, 'Keep the start-up notices (JAX probing for a TPU, '
+    "TensorFlow's oneDNN and C++ INFO/WARNING lines) and log tracebacks of errors.")
 _CPU_COLLECTIVES = flags.DEFINE_enum(
     'cpu_collectives', None, ['gloo', 'mpi'],
     'Cross-process collectives on CPU (multi-process CPU runs only).')
@@ -114,14 +118,26 @@ def _launched_with_several_tasks() -> bool:
       int(env.get('OMPI_COMM_WORLD_SIZE', '1')) > 1
 
 
+def quiet_start_up(verbose: bool) -> None:
+  """Drops the notices every run would print, unless --verbose.
+
+  JAX logs "Unable to initialize backend 'tpu'" when it probes for a TPU on
+  a machine without one; TensorFlow announces oneDNN and logs C++ INFO lines.
+  """
+  if verbose:
+    return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('Both --config and --workdir are required, e.g. '
                          '--config=configs/quickstart.py --workdir=/tmp/qs')
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+  quiet_start_up(_VERBOSE.value)
   init_distributed()
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -137,8 +153,8 @@ def main(argv) -> None:
     metrics = train.train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FloatingPointError) as e:
     # User errors (bad config, missing checkpoint or data, divergence): a
-    # clear message instead of a traceback (--verbosity=1 logs it).
-    logging.debug('Traceback:', exc_info=True)
+    # clear message instead of a traceback (--verbose logs it).
+    (logging.info if _VERBOSE.value else logging.debug)('Traceback:', exc_info=True)
     logging.error('%s: %s', type(e).__name__, e)
     print(f'\nERROR ({type(e).__name__}): {e}', file=sys.stderr)
     sys.exit(1)

@@ -31,12 +31,10 @@ the data position restored; the fine-tuned weights are exported.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import json
 import math
 import os
-import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -242,7 +240,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int):
 def data_module(config: ml_collections.ConfigDict):
   """The module that serves config.dataset: `synthetic` or `input_pipeline`.
 
-  Both offer get_dataset_info, make_train_iter, make_eval_iter, to_global.
+  Both offer checked_config, get_dataset_info, make_train_iter, make_eval_iter,
+  to_global.
   """
   # pylint: disable=g-import-not-at-top
   if config.dataset == 'synthetic':
@@ -265,6 +264,65 @@ def device_prefetch(batches, size: int = 2):
       yield queue.popleft()
   while queue:
     yield queue.popleft()
+
+
+# ---------------------------------------------------------------------------
+# Resolution: what the checkpoint decides (model, recipe), before anything runs.
+# ---------------------------------------------------------------------------
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy with the model and recipe filled in from the checkpoint.
+
+  * Model: with neither config.model_name nor config.model set, the
+    pre-trained checkpoint's own (`checkpoint.infer_model`: its sidecar, else
+    the one preset with its parameter tree). A model that is set must fit the
+    checkpoint; `load_pretrained` says what the file is when it does not.
+  * Recipe: `config.recipes` (e.g. configs/folder.py) maps names to
+    {'max_params': N, <config values>}; the smallest recipe whose max_params
+    holds the model's parameter count (head excluded), or the one named by
+    config.recipe, fills every value that is still None.
+  Resolving a resolved config changes nothing.
+  """
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    path = pretrained_path(config)
+    if path and not (config.get('model_name') or config.get('model')):
+      check_pretrained_available(config)
+      mc = ckpt_lib.infer_model(path)
+      name = mc.get('model_name')
+      if name in models.MODEL_CONFIGS and _same(models.get_config(name), mc):
+        config.model_name = name
+      else:
+        config.model_name, config.model = None, mc
+      logging.info('Model %s, from the checkpoint %s.', mc.get('model_name'), path)
+    recipes = config.get('recipes')
+    if recipes and (config.get('model_name') or config.get('model')):
+      num_params = ckpt_lib.num_backbone_params(model_config(config))
+      name = config.get('recipe') or min(
+          (r.max_params, n) for n, r in recipes.items() if r.max_params >= num_params)[1]
+      if name not in recipes:
+        raise ConfigError(f'config.recipe={name!r} is not one of config.recipes: '
+                          f'{", ".join(recipes)}.')
+      values = recipes[name].to_dict()
+      values.pop('max_params', None)
+      _fill_none(config, values)
+      config.recipe = name
+      logging.info('Recipe %r (config.recipes) for %s parameters: %s.', name,
+                   f'{num_params:,}', ', '.join(f'{k}={v}' for k, v in values.items()))
+  return config
+
+
+def _same(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
+  return (json.dumps(a.to_dict(), sort_keys=True, default=list) ==
+          json.dumps(b.to_dict(), sort_keys=True, default=list))
+
+
+def _fill_none(node: ml_collections.ConfigDict, values: Mapping) -> None:
+  for key, value in values.items():
+    if isinstance(value, Mapping) and node.get(key) is not None:
+      _fill_none(node[key], value)
+    elif node.get(key) is None:
+      node[key] = value
 
 
 # ---------------------------------------------------------------------------
@@ -380,21 +438,12 @@ def check_remote_reachable(path: str, timeout: float = 10.0) -> None:
   if scheme not in _REMOTE_HOSTS or download.bucket_path(path) is not None:
     return   # Official files come through vit_jax.download, with its own timeout.
   host, port = _REMOTE_HOSTS[scheme]
-
-  def connect():
-    socket.create_connection((host, port), timeout=timeout).close()
-
-  pool = concurrent.futures.ThreadPoolExecutor(1)
-  try:
-    pool.submit(connect).result(timeout=timeout)
-  except (OSError, concurrent.futures.TimeoutError) as e:
+  reason = ckpt_lib.unreachable(host, port, timeout)
+  if reason:
     raise ckpt_lib.CheckpointError(
-        f'Cannot read {path}: {host} is not reachable ({type(e).__name__}: '
-        f'{e}). No network here? Download the checkpoint on a machine that '
-        f'has one and set config.pretrained_path to the local file.\n'
-        f'{ckpt_lib.DOWNLOAD_HINT}') from e
-  finally:
-    pool.shutdown(wait=False)
+        f'Cannot read {path}: {reason}. No network here? Download the checkpoint '
+        f'on a machine that has one and set config.pretrained_path to the local '
+        f'file.\n{ckpt_lib.DOWNLOAD_HINT}')
 
 
 def pretrained_path(config: ml_collections.ConfigDict) -> str | None:
@@ -542,7 +591,7 @@ class MetricLog:
 
 
 def _metric_writer(workdir: str, is_main: bool):
-  """clu's TensorBoard + logging writer; logging only where TensorFlow is absent."""
+  """clu's TensorBoard writer (process 0), or None (other processes, or no TensorFlow)."""
   # pylint: disable=g-import-not-at-top
   try:
     from clu import metric_writers
@@ -550,8 +599,9 @@ def _metric_writer(workdir: str, is_main: bool):
     logging.warning('TensorFlow is not installed: no TensorBoard events; '
                     'metrics go to metrics.jsonl and the log lines.')
     return None
-  return metric_writers.create_default_writer(
-      workdir, just_logging=not is_main, asynchronous=False)
+  # TensorBoard only: the console gets one line per log step from the loop
+  # (clu's logging writer printed each of them a second time).
+  return metric_writers.SummaryWriter(workdir) if is_main else None
 
 
 def write_run_info(workdir: str, model: Any) -> None:
@@ -626,17 +676,22 @@ def _diverged_advice(config: ml_collections.ConfigDict, last_saved: int | None,
 # The loop.
 # ---------------------------------------------------------------------------
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        steps_after: int = 0) -> TrainResult:
   """Trains and evaluates; see the module docstring for what lands in workdir.
 
   Holds the workdir's lock (vit_jax.workdir) for the whole run.
+  `steps_after`: steps of later runs of the same command (the scratch
+  baseline), so that the logged ETA covers the whole command.
   """
+  config = resolve_config(config)  # Model and recipe from the checkpoint.
   validate_config(config)
   with workdir_lib.hold(workdir):
-    return _run(config, workdir)
+    return _run(config, workdir, steps_after)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+def _run(config: ml_collections.ConfigDict, workdir: str,
+         steps_after: int) -> TrainResult:
   # ========================= Config =========================
   quiet_orbax_logs()
   # A relaunch that would change the resumed trajectory fails here, in
@@ -649,6 +704,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
   data = data_module(config)
+  # Every image decoded once, before compiling: all bad files in one message.
+  config = data.checked_config(config, workdir)
   is_main = jax.process_index() == 0
   total_steps = config.total_steps
   log_every = config.get('log_every', 10) or 10
@@ -671,8 +728,18 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   if is_main:
     with open(os.path.join(workdir, 'labels.txt'), 'w') as f:
       f.write(''.join(f'{name}\n' for name in info.class_names))
-  logging.info('Dataset %s: %d train / %d test examples, %d classes.',
-               config.dataset, info.num_train, info.num_test, num_classes)
+    if info.held_out_test_files:
+      with open(os.path.join(workdir, 'test_files.txt'), 'w') as f:
+        f.write(''.join(f'{p}\n' for p in info.held_out_test_files))
+  logging.info('Dataset %s: %d train / %d test examples, %d classes%s.',
+               config.dataset, info.num_train, info.num_test, num_classes,
+               ' (num_classes set in the config)' if config.get('num_classes') else
+               ' (from the data)')
+  for what, description in (('train', info.train_description),
+                            ('test', info.test_description)):
+    if 'stratified' in description:
+      logging.info('Split %s: %s%s.', what, description,
+                   '; its files are listed in test_files.txt' if what == 'test' else '')
 
   # ========================= Model =========================
   model, mc = build_model(config, num_classes)
@@ -818,12 +885,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
       if why:
         raise FloatingPointError(f'Training diverged: {why}. '
                                  + _diverged_advice(config, last_saved, ckpt_dir))
-      eta = (total_steps - step) / avg_rate if avg_rate > 0 else float('nan')
+      eta = (total_steps - step + steps_after) / avg_rate if avg_rate > 0 else float('nan')
       speed = (f'{rate * batch_size:.1f} img/s ({rate * batch_size / mesh.size:.1f}'
                '/core)' if math.isfinite(rate) else 'img/s after compilation')
       logging.info('step %d/%d | train_loss %.4f | lr %.2e | %s | ETA %s', step,
                    total_steps, scalars['train_loss'], scalars['lr'], speed,
-                   _fmt_time(eta))
+                   _fmt_time(eta) + (f' (with the {steps_after} steps of the scratch '
+                                     'baseline)' if steps_after else ''))
 
     do_eval = eval_every and step % eval_every == 0 and step != total_steps
     fewshot_every = fewshot_cfg.get('every', 0) if fewshot is not None else 0
@@ -841,7 +909,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         logging.info('step %d | accuracy_test %.4f | loss_test %.4f', step,
                      ev['accuracy_test'], ev['loss_test'])
       if do_fewshot:
-        writer.write_scalars(step, fewshot.run(state['params']))
+        shots = fewshot.run(state['params'])
+        writer.write_scalars(step, shots)
+        logging.info('step %d | %s', step,
+                     ' | '.join(f'{k} {v:.4f}' for k, v in shots.items()))
       if do_ckpt and guard.suspect and step != total_steps:
         logging.warning('Not checkpointing step %d: train_loss %.4g is above '
                         'the divergence bound %.4g.', step, guard.over[-1][1],
@@ -866,7 +937,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                  if 'batch_stats' in state else None)
   export_path = os.path.join(workdir, f'{mc.model_name}.npz')
   if is_main:
-    ckpt_lib.save(params, export_path, batch_stats=batch_stats)
+    ckpt_lib.save(params, export_path, batch_stats=batch_stats, model_config=mc)
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
       json.dump(dict(final, step=total_steps), f, indent=2)
     logging.info('Exported the trained params to %s.', export_path)
@@ -923,8 +994,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   (scratch_baseline_config) in workdir/scratch and adds its metrics with the
   suffix `_scratch`; workdir/comparison.json holds both.
   """
+  config = resolve_config(config)  # The baseline trains the checkpoint's model.
   baseline = scratch_baseline_config(config)  # Fails before hours of training.
-  metrics = run(config, workdir).metrics
+  metrics = run(config, workdir,
+                steps_after=baseline.total_steps if baseline is not None else 0).metrics
   if baseline is None:
     return metrics
   logging.info('Training the from-scratch baseline in %s/scratch.', workdir)

@@ -49,7 +49,10 @@ CHANGES_NAME = 'config_changes.jsonl'
 # total_steps, keys added later) is trajectory and needs the override.
 CADENCE_KEYS = ('log_every', 'eval_every', 'checkpoint_every',
                 'keep_checkpoints', 'batch_size_eval', 'prefetch', 'evals',
-                'mesh', 'tfds_data_dir', 'tfds_download', 'resume_changed')
+                'mesh', 'tfds_data_dir', 'tfds_download', 'resume_changed',
+                # Derived from the files at every launch, after this check
+                # (input_pipeline.checked_config under skip_bad_images).
+                'skipped_images')
 OVERRIDE_FLAG = '--config.resume_changed=True'
 
 
