@@ -75,30 +75,29 @@ AUGREG_DIR = 'gs://vit_models/augreg'
 DATASET_PRESETS: dict[str, dict] = {
     'cifar10': {
         'dataset': 'cifar10', 'train_split': 'train[:98%]', 'test_split': 'test',
-        'num_classes': 10, 'total_steps': 10_000, 'lr': 0.03,
+        'total_steps': 10_000, 'lr': 0.03,
         'expected': {'ViT-B_16': 98.95, 'ViT-B_32': 98.79, 'ViT-L_16': 99.16}},
     'cifar100': {
         'dataset': 'cifar100', 'train_split': 'train[:98%]', 'test_split': 'test',
-        'num_classes': 100, 'total_steps': 10_000, 'lr': 0.03,
+        'total_steps': 10_000, 'lr': 0.03,
         'expected': {'ViT-B_16': 91.67, 'ViT-B_32': 91.97, 'ViT-L_16': 93.44}},
     'imagenet2012': {
         'dataset': 'imagenet2012', 'train_split': 'train[:99%]',
-        'test_split': 'validation', 'num_classes': 1000, 'total_steps': 20_000,
-        'lr': 0.03,
+        'test_split': 'validation', 'total_steps': 20_000, 'lr': 0.03,
         'expected': {'ViT-B_16': 83.97, 'ViT-B_32': 81.28, 'ViT-L_16': 85.15}},
     'oxford_iiit_pet': {
         'dataset': 'oxford_iiit_pet', 'train_split': 'train[:90%]',
-        'test_split': 'test', 'num_classes': 37, 'total_steps': 500, 'lr': 0.003,
+        'test_split': 'test', 'total_steps': 500, 'lr': 0.003,
         'expected': {'ViT-B_16': 94.43, 'ViT-B_32': 93.02, 'ViT-L_16': 94.73}},
     'oxford_flowers102': {
         'dataset': 'oxford_flowers102', 'train_split': 'train[:90%]',
-        'test_split': 'test', 'num_classes': 102, 'total_steps': 500, 'lr': 0.003,
+        'test_split': 'test', 'total_steps': 500, 'lr': 0.003,
         'expected': {'ViT-B_16': 99.38, 'ViT-B_32': 99.11, 'ViT-L_16': 99.61}},
     # Not in the paper; the RPT report fine-tunes on it (its Table 5). TFDS
     # has only a 'train' split (3,670 images): hold out 10% as test.
     'tf_flowers': {
         'dataset': 'tf_flowers', 'train_split': 'train[:90%]',
-        'test_split': 'train[90%:]', 'num_classes': 5, 'total_steps': 500, 'lr': 0.003,
+        'test_split': 'train[90%:]', 'total_steps': 500, 'lr': 0.003,
         'expected': {}},
 }
 
@@ -150,7 +149,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 def with_dataset(config: ml_collections.ConfigDict,
                  name: str) -> ml_collections.ConfigDict:
-  """Applies a DATASET_PRESETS entry (splits, classes, steps, lr)."""
+  """Applies a DATASET_PRESETS entry (splits, steps, lr); classes come from the data."""
   if name not in DATASET_PRESETS:
     raise ValueError(f'Unknown dataset preset {name!r}; known: '
                      f'{", ".join(sorted(DATASET_PRESETS))}. For your own '
@@ -159,7 +158,6 @@ def with_dataset(config: ml_collections.ConfigDict,
   config.dataset = p['dataset']
   config.train_split = p['train_split']
   config.test_split = p['test_split']
-  config.num_classes = p['num_classes']
   config.total_steps = p['total_steps']
   config.lr.base = p['lr']
   if config.lr.warmup_steps >= config.total_steps:

@@ -57,7 +57,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.dataset = d['dataset']
     c.train_split = d['train_split']
     c.test_split = d['test_split']
-    c.num_classes = d['num_classes']
     c.lr.base = 0.03
   else:
     common.with_dataset(c, dataset)

@@ -47,16 +47,16 @@ CHECKPOINT = str(pathlib.Path(__file__).resolve().parents[1] / 'checkpoints' /
 
 
 def _data(name: str) -> dict:
-  """Source, splits and classes of a dataset as configs/scratch.py reads it."""
+  """Source and splits of a dataset as configs/scratch.py reads it (classes: from the data)."""
   return {k: scratch.DATASETS[name][k]
-          for k in ('dataset', 'train_split', 'test_split', 'num_classes')}
+          for k in ('dataset', 'train_split', 'test_split')}
 
 # Per dataset: data, resolution, augmentation, budget, fine-tuning lr (from
 # the paper's grid {0.001, 0.003, 0.01, 0.03}; only digits' was tuned, on a
 # dev split: there was no CPU time for a sweep on CIFAR / Tiny-ImageNet).
 DATASETS = {
     'digits': {'dataset': 'digits', 'train_split': 'train', 'test_split': 'test',
-               'num_classes': 10, 'image_size': 40,
+               'image_size': 40,
                # No flips or big crops: a mirrored or cropped digit is another digit.
                'pp_train': 'resize', 'batch_size': 64, 'total_steps': 300,
                # Picked as the paper does (App. B.1.1), on a dev split
@@ -91,7 +91,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset = d['dataset']
   c.train_split = d['train_split']
   c.test_split = d['test_split']
-  c.num_classes = d['num_classes']
   c.image_size = d['image_size']
   c.pp.train = d['pp_train']
   c.pp.eval = 'resize'

@@ -153,7 +153,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dataset = d['dataset']
   c.train_split = d['train_split']
   c.test_split = d['test_split']
-  c.num_classes = d['num_classes']
   c.image_size = d['image_size']
   c.pp.train = 'rpt_augment'
   c.pp.eval = 'resize'

@@ -84,7 +84,8 @@ def test_missing_checkpoint_via_cli_fails_fast_with_download_hint(tmp_path):
   # A refused launch leaves no config.json: it is the identity of an accepted run.
   assert not (tmp_path / 'config.json').exists()
   cfg = importlib.import_module('configs.vit').get_config('b32,cifar100')
-  assert cfg.model_name == 'ViT-B_32' and cfg.num_classes == 100
+  assert cfg.model_name == 'ViT-B_32' and cfg.dataset == 'cifar100'
+  assert cfg.num_classes is None  # From the data, never from a preset.
 
 
 def _network_reachable() -> bool:

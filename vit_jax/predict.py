@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+# input_pipeline.IMAGE_EXTENSIONS (not imported: it brings TensorFlow in).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
 
 class PredictError(ValueError):
@@ -187,10 +188,14 @@ def load_bundle(checkpoint: str | None = None, model: Any = None,
     if labels is None and os.path.isfile(os.path.join(workdir, 'labels.txt')):
       labels = os.path.join(workdir, 'labels.txt')
   else:
-    if not checkpoint or not model:
-      raise PredictError('Pass --workdir=DIR, or both --checkpoint=PATH.npz and --model=NAME '
-                         f'(one of: {", ".join(sorted(models.MODEL_CONFIGS))}).')
-    model_config = _model_config(model)
+    if not checkpoint:
+      raise PredictError('Pass --workdir=DIR, or --checkpoint=PATH.npz [--model=NAME, one of: '
+                         f'{", ".join(sorted(models.MODEL_CONFIGS))}; default: the '
+                         "checkpoint's own, from its sidecar .json or its parameter shapes].")
+    try:
+      model_config = _model_config(model) if model else ckpt.infer_model(checkpoint)
+    except (OSError, ckpt.CheckpointError) as e:
+      raise PredictError(str(e)) from None
   try:
     variables = ckpt.load_variables(checkpoint)
   except (OSError, ckpt.CheckpointError) as e:
@@ -332,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('images', nargs='+', help='image files and/or directories (recursive)')
   parser.add_argument('--checkpoint', help='official-layout .npz (local or gs://)')
-  parser.add_argument('--model', help='preset name, e.g. ViT-B_16 (see vit_jax.models.MODEL_CONFIGS)')
+  parser.add_argument('--model', help="preset name, e.g. ViT-B_16 (default: the checkpoint's "
+                      'own, from its sidecar .json or its parameter shapes)')
   parser.add_argument('--workdir', help='training workdir: uses its .npz, config.json, labels.txt')
   parser.add_argument('--labels', help='class names, one per line, in label order')
   parser.add_argument('--top_k', type=int, default=5)
