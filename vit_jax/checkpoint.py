@@ -521,9 +521,10 @@ def arch_diff(params: Mapping[str, Any], model_config: Any) -> list[str]:
 
 
 def num_backbone_params(model_config: Any) -> int:
-  """Parameter count of a model config, head excluded (it depends on the data)."""
+  """Parameter count of a model config without the head and the position
+  embeddings (they depend on the data and the resolution)."""
   return sum(int(np.prod(v.shape)) for k, v in _model_shapes(_config_json(model_config)).items()
-             if k.split('/')[0] not in ('head', 'head_dist'))
+             if k.split('/')[0] not in ('head', 'head_dist') and k != POSEMB_KEY)
 
 
 def match_preset(params: Mapping[str, Any]) -> list[str]:

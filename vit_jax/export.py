@@ -11,7 +11,9 @@ parameters (and ``batch_stats`` if any) with orbax's partial restore, as host
 numpy arrays: no optimizer, no model code and no device mesh are needed, so a
 checkpoint written on 8 GPUs exports on a laptop. The result is written by
 ``vit_jax.checkpoint.save``, i.e. the layout of ``gs://vit_models/*.npz``, and
-read back to check that it is bit-identical.
+read back to check that it is bit-identical; the sidecar ``<out minus .npz>.json``
+records the architecture (from the workdir's config.json), so that
+``--config.pretrained_path=<out>`` needs no model name.
 
 The file is also what timm's ViT loader reads, so it moves to PyTorch as is
 (``timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=N,
@@ -146,6 +148,11 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[int, str]:
                  not np.array_equal(want[k], got[k]))
     if bad or set(got) != set(want):
       raise ExportError(f'{out} does not load back identically ({name}: {bad[:5]}...).')
+  # The sidecar: fine-tuning and predict take the architecture from it.
+  if os.path.isfile(os.path.join(workdir, 'config.json')):
+    from vit_jax import predict  # pylint: disable=g-import-not-at-top
+    checkpoint.write_sidecar(out, predict.model_config_from_training(
+        predict.read_workdir_config(workdir)))
   return step, out
 
 

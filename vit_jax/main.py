@@ -13,8 +13,10 @@ Examples (from the repository root):
   python -m vit_jax.main --config=configs/vit.py:b16,cifar100 --workdir=DIR \
       --config.accum_steps=16 --config.lr.base=0.01
 
-  # Your own images: root/train/<class>/*.jpg and root/test/<class>/*.jpg.
-  python -m vit_jax.main --config=configs/folder.py:/data/my_images --workdir=DIR
+  # Your own images (root/<class>/*.jpg, or root/train/ [+ root/test/ or
+  # root/val/]) and any checkpoint: the architecture and recipe come from it.
+  python -m vit_jax.main --config=configs/folder.py:/data/my_images --workdir=DIR \
+      --config.pretrained_path=checkpoints/SmallViT_8-tiny_imagenet-32px.npz
 
 Re-running the same command with the same --workdir resumes from the last
 checkpoint at the exact step and data position. A relaunch that changes the

@@ -279,7 +279,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     checkpoint; `load_pretrained` says what the file is when it does not.
   * Recipe: `config.recipes` (e.g. configs/folder.py) maps names to
     {'max_params': N, <config values>}; the smallest recipe whose max_params
-    holds the model's parameter count (head excluded), or the one named by
+    holds the model's parameter count (head and position embeddings
+    excluded), or the one named by
     config.recipe, fills every value that is still None.
   Resolving a resolved config changes nothing.
   """
@@ -305,10 +306,11 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                           f'{", ".join(recipes)}.')
       values = recipes[name].to_dict()
       values.pop('max_params', None)
-      _fill_none(config, values)
+      filled = _fill_none(config, values)
       config.recipe = name
-      logging.info('Recipe %r (config.recipes) for %s parameters: %s.', name,
-                   f'{num_params:,}', ', '.join(f'{k}={v}' for k, v in values.items()))
+      if filled:
+        logging.info('Recipe %r of config.recipes (%s parameters): %s.', name,
+                     f'{num_params:,}', ', '.join(filled))
   return config
 
 
@@ -317,12 +319,17 @@ def _same(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
           json.dumps(b.to_dict(), sort_keys=True, default=list))
 
 
-def _fill_none(node: ml_collections.ConfigDict, values: Mapping) -> None:
+def _fill_none(node: ml_collections.ConfigDict, values: Mapping,
+               prefix: str = '') -> list[str]:
+  """Sets the values whose key is None in `node`; returns 'key=value' of those."""
+  filled = []
   for key, value in values.items():
     if isinstance(value, Mapping) and node.get(key) is not None:
-      _fill_none(node[key], value)
+      filled += _fill_none(node[key], value, f'{prefix}{key}.')
     elif node.get(key) is None:
       node[key] = value
+      filled.append(f'{prefix}{key}={value}')
+  return filled
 
 
 # ---------------------------------------------------------------------------
@@ -765,6 +772,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       state['batch_stats'] = variables['batch_stats']
     return state
 
+  logging.info('Initialising the model%s...', f' and loading {pretrained_path(config)}'
+               if pretrained_path(config) else '')
   abstract = jax.eval_shape(init_state, init_rng)
   rules = sharding.rules_from_config(config.get('mesh'))
   state_sh = sharding.state_shardings(
