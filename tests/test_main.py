@@ -42,6 +42,10 @@ def test_every_config_validates(spec):
   assert module.__doc__ and 'python -m vit_jax.main' in module.__doc__
   # It states the result to expect, with a number ("Expected result: ... 0.98").
   assert re.search(r'[Ee]xpected.{0,400}?\d', module.__doc__, re.S), module.__doc__
+  if config.get('recipes'):
+    # Model and recipe come from the checkpoint at run time; here, a given model.
+    config.model_name = 'ViT-B_16'
+    config = train.resolve_config(config)
   train.validate_config(config)
 
 

@@ -326,5 +326,13 @@ def test_flowers_like_train_and_val_folders(tmp_path):
   assert bundle.labels == list(colours) and bundle.image_size == (32, 32)
 
 
+def test_no_preset_fixes_the_class_count():
+  """A dataset override must never keep a preset's head size (issue 10, item 1)."""
+  from configs import common, finetune_shipped, scratch
+  assert finetune_shipped.get_config('cifar10').num_classes is None
+  assert scratch.get_config('vit_ti,cifar10').num_classes is None
+  assert common.with_dataset(common.get_config(), 'oxford_iiit_pet').num_classes is None
+
+
 def test_extensions_agree():
   assert predict.IMAGE_EXTENSIONS == ip.IMAGE_EXTENSIONS
