@@ -69,8 +69,8 @@ def test_infer_model_from_sidecar_or_parameter_tree(tmp_path):
   # SL-ViT_8 and Rot-ViT_8 share its headline numbers but not its tree.
   assert ckpt_lib.match_preset(ckpt_lib.load(str(bare))) == ['SmallViT_8']
   # A given model must fit, and the error says what the file is.
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'does not fit the model ViT-Ti_16\. It '
-                     r'is a SmallViT_8: drop config.model_name'):
+  with pytest.raises(ckpt_lib.CheckpointError, match=r'does not fit the model ViT-Ti_16; it is '
+                     r'another architecture: a SmallViT_8\. Drop config.model_name'):
     ckpt_lib.infer_model(str(bare), 'ViT-Ti_16')
   assert ckpt_lib.infer_model(str(bare), 'SmallViT_8').model_name == 'SmallViT_8'
 

@@ -311,27 +311,28 @@ def write_sidecar(path: str, model_config: Any) -> str:
 
 
 def read_sidecar(path: str) -> dict[str, Any] | None:
-  """The model config recorded next to checkpoint `path`, or None."""
+  """The model config recorded next to checkpoint `path`, or None.
+
+  A `.json` of another kind next to the file (no "model" object) is not ours
+  and is ignored.
+  """
   side = sidecar_path(path)
-  try:
-    if _is_remote(side):
-      from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
-      if not gfile.exists(side):
-        return None
-      with gfile.GFile(side, 'rb') as f:
-        text = f.read()
-    elif os.path.isfile(side):
-      with open(side, 'rb') as f:
-        text = f.read()
-    else:
+  if _is_remote(side):
+    from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+    if not gfile.exists(side):
       return None
-    model = json.loads(text)['model']
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(f'Sidecar {side} is not a model description ({e}); delete it, '
-                          'or rewrite it as {"model": {...model config...}}.') from e
-  if not isinstance(model, dict):
-    raise CheckpointError(f'Sidecar {side}: "model" must be a model config (an object).')
-  return model
+    with gfile.GFile(side, 'rb') as f:
+      text = f.read()
+  elif os.path.isfile(side):
+    with open(side, 'rb') as f:
+      text = f.read()
+  else:
+    return None
+  try:
+    model = json.loads(text).get('model')
+  except (ValueError, AttributeError):
+    return None
+  return model if isinstance(model, dict) else None
 
 
 # ---------------------------------------------------------------------------
@@ -555,10 +556,10 @@ def _misfit(what: str, path: str | None, params: Mapping[str, Any], model_config
     names = [infer_model(path if path else params).get('model_name')]
   except CheckpointError:
     names = []
-  hint = (f' It is a {names[0]}: drop config.model_name (and config.model) to take the '
-          'architecture from the checkpoint.' if names else '')
-  return (f'{what} does not fit the model {_getattr(model_config, "model_name") or "model"}.'
-          f'{hint}\n' + '\n'.join(diff[:3]))
+  hint = (f': a {names[0]}. Drop config.model_name (and config.model) to take the '
+          'architecture from the checkpoint' if names else '')
+  return (f'{what} does not fit the model {_getattr(model_config, "model_name") or "model"}; '
+          f'it is another architecture{hint}.\n' + '\n'.join(diff))
 
 
 def infer_model(params_or_path: Mapping[str, Any] | str | os.PathLike,
@@ -640,9 +641,9 @@ def main(argv: Sequence[str]) -> int:
   if 'batch_stats' in variables:
     print('batch_stats: yes')
   try:
-    print('model:', infer_model(argv[0]).get('model_name'))
+    print('preset:', infer_model(argv[0]).get('model_name'))
   except CheckpointError as e:
-    print(f'model: unknown ({e})')
+    print(f'preset: unknown ({e})')
   return 0
 
 
