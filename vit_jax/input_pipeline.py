@@ -764,6 +764,10 @@ def _finish(ds: tf.data.Dataset, batch: int, config: Any) -> tf.data.Dataset:
   options = tf.data.Options()
   options.deterministic = True
   options.experimental_optimization.map_parallelization = True
+  # No autotuning thread: deleting an iterator waits for that thread's next
+  # wake-up, up to a minute (it was the ~45 s pause after each export).
+  # AUTOTUNE parallelism then means one call per core.
+  options.autotune.enabled = False
   threads = config.get('data_threads')
   if threads:  # cap tf.data's threads when JAX needs the same few cores
     options.threading.private_threadpool_size = int(threads)
