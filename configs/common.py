@@ -17,9 +17,13 @@ stops training with the key's name):
                     <pretrained_dir>/<model_name>.npz, i.e.
                     gs://vit_models/imagenet21k/ViT-B_16.npz; a local path
                     works); None trains from scratch. Never silently random.
-  dataset           TFDS name | 'folder:<root>' | 'digits' | 'synthetic'
-                    (fixed random images made on the device, num_classes
-                    classes: times the loop without data or TensorFlow)
+  dataset           TFDS name | 'folder:<root>' | 'npz:<file.npz>' | 'digits' |
+                    'synthetic' (fixed random images made on the device,
+                    num_classes classes: times the loop without data or
+                    TensorFlow)
+  skip_bad_images   image folders: every file is decoded once before
+                    training; undecodable ones stop the run (listed), or
+                    with True are left out (listed in skipped_images)
   tfds_data_dir, tfds_download, train_split, test_split, num_classes
   image_size        training/eval resolution (paper: 384 for fine-tuning)
   pp                train: 'inception_crop' | 'rpt_augment' | 'resize';
@@ -118,6 +122,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train_split = 'train[:98%]'
   c.test_split = 'test'
   c.num_classes = config_dict.placeholder(int)  # None: from the dataset.
+  c.skip_bad_images = False  # Image folders: train without undecodable files.
   c.image_size = 384
   c.pp = ml_collections.ConfigDict({'train': 'inception_crop', 'eval': 'resize',
                                         'crop_fraction': 0.875})

@@ -280,8 +280,8 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   * Recipe: `config.recipes` (e.g. configs/folder.py) maps names to
     {'max_params': N, <config values>}; the smallest recipe whose max_params
     holds the model's parameter count (head and position embeddings
-    excluded), or the one named by
-    config.recipe, fills every value that is still None.
+    excluded), or the one named by config.recipe, fills every value that is
+    still None.
   Resolving a resolved config changes nothing.
   """
   config = config.copy_and_resolve_references()
