@@ -73,6 +73,9 @@ def test_infer_model_from_sidecar_or_parameter_tree(tmp_path):
                      r'another architecture: a SmallViT_8\. Drop config.model_name'):
     ckpt_lib.infer_model(str(bare), 'ViT-Ti_16')
   assert ckpt_lib.infer_model(str(bare), 'SmallViT_8').model_name == 'SmallViT_8'
+  # predict needs no --model either.
+  bundle = predict.load_bundle(checkpoint=str(bare))
+  assert bundle.model_config.model_name == 'SmallViT_8' and bundle.image_size == (32, 32)
 
 
 def test_infer_model_ambiguity_lists_candidates_and_custom_needs_a_sidecar(tmp_path, monkeypatch):

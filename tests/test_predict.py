@@ -107,7 +107,7 @@ def test_predict_clear_errors(saved_model, tmp_path, capsys):
   assert predict.main([f'--checkpoint={tmp_path}/missing.npz', '--model=ViT-B_16', str(bad)]) == 1
   assert 'Checkpoint not found' in capsys.readouterr().err
   assert predict.main([str(bad)]) == 1
-  assert 'Pass --workdir=DIR, or both --checkpoint' in capsys.readouterr().err
+  assert 'Pass --workdir=DIR, or --checkpoint=PATH.npz' in capsys.readouterr().err
   os.makedirs(tmp_path / 'empty')
   with pytest.raises(predict.PredictError, match='No image files'):
     predict.collect_images([str(tmp_path / 'empty')])
