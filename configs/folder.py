@@ -27,8 +27,8 @@ What the checkpoint decides (vit_jax.train.resolve_config):
     pre-training resolution), batch 128, 300 steps, lr 0.01, RPT
     augmentation. MEASURED on 2 CPU cores shared with other jobs: CIFAR-10
     from ../shared/data as a folder (train/ + test/, 50,000 / 10,000 JPEGs):
-    accuracy_test 0.516 after 300 steps, 7:00 wall for the whole command
-    (README "Your own images").
+    accuracy_test 0.516 after 300 steps, 4:57 wall for the whole command
+    (README "Your own images"). On a GPU this model is input-bound.
   - 'paper' (ViT-B/L/H and anything else above 10M): the ViT paper's
     small-dataset recipe (App. B.1.1, Table 4: 500 steps, batch 512, 384px,
     SGD momentum 0.9, lr 0.003, warm-up 10% then cosine, clip 1.0, inception
