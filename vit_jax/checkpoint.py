@@ -578,6 +578,12 @@ def infer_model(params_or_path: Mapping[str, Any] | str | os.PathLike,
 
   from vit_jax.models import presets  # pylint: disable=g-import-not-at-top
   path = os.fspath(params_or_path) if isinstance(params_or_path, (str, os.PathLike)) else None
+  if path:
+    from vit_jax import download  # pylint: disable=g-import-not-at-top
+    try:   # An official name or URL: its cached local copy.
+      path = download.resolve(path)
+    except download.DownloadError as e:
+      raise CheckpointError(str(e)) from None
   params = load(path) if path else params_or_path
   what = f'Checkpoint {path}' if path else 'The parameters'
 
