@@ -83,7 +83,7 @@ def test_missing_checkpoint_via_cli_fails_fast_with_download_hint(tmp_path):
              f'--config.pretrained_path={tmp_path}/ViT-B_32.npz')
   assert out.returncode == 1
   assert 'Pre-trained checkpoint not found' in out.stderr
-  assert 'gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz' in out.stderr
+  assert 'load by name' in out.stderr and 'ViT-B_16' in out.stderr
   assert time.time() - start < 120  # no data or model work before the check
   # A refused launch leaves no config.json: it is the identity of an accepted run.
   assert not (tmp_path / 'config.json').exists()
@@ -105,10 +105,14 @@ def test_finetune_b16_without_file_or_network_fails_fast(tmp_path):
     pytest.skip('storage.googleapis.com is reachable: this would download '
                 'ViT-B_16.npz (391 MiB).')
   start = time.time()
-  out = main('--config=configs/finetune_b16.py', f'--workdir={tmp_path}')
+  out = subprocess.run(
+      [sys.executable, '-m', 'vit_jax.main', '--config=configs/finetune_b16.py',
+       f'--workdir={tmp_path}'], cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(ENV, VIT_JAX_CACHE_DIR=str(tmp_path / 'cache')))   # Nothing cached.
   assert out.returncode == 1
-  assert 'storage.googleapis.com is not reachable' in out.stderr
-  assert 'gsutil cp gs://vit_models/imagenet21k/ViT-B_16.npz' in out.stderr
+  assert 'Cannot download https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz' \
+      in out.stderr and 'no network' in out.stderr
+  assert 'curl -L --create-dirs' in out.stderr
   assert time.time() - start < 120   # not tf.io.gfile's ~200 s of retries
 
 

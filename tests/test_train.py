@@ -389,7 +389,7 @@ def test_unreachable_storage_fails_fast(monkeypatch, tmp_path):
 
   def hang(address, timeout=None, *args, **kwargs):
     time.sleep(min(timeout or 30, 30))
-    raise socket.timeout('timed out')
+    raise TimeoutError('timed out')
   monkeypatch.setattr(socket, 'create_connection', hang)
   start = time.time()
   with pytest.raises(ckpt_lib.CheckpointError, match='storage.googleapis.com is not reachable'):
