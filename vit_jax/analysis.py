@@ -379,9 +379,16 @@ def model_attentions(model: Any, params: Any, images: np.ndarray,
 
 def position_embeddings(params: Any, model_config: Any, grid: tuple[int, int]) -> np.ndarray:
   """Learned embeddings from the params, or the fixed sincos2d ones."""
-  pos = params.get('Transformer', {}).get('posembed_input', {}).get('pos_embedding')
+  table = params.get('Transformer', {}).get('posembed_input', {})
+  pos = table.get('pos_embedding')
   if pos is not None:
     return np.asarray(pos)
+  if 'row_embedding' in table:  # posemb='learn2d'
+    from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+    pos = np.asarray(vit.learn2d_table(table['row_embedding'], table['col_embedding']))
+    if 'prefix_embedding' in table:
+      pos = np.concatenate([np.asarray(table['prefix_embedding']), pos], 1)
+    return pos
   posemb = model_config.get('posemb', 'learn') if hasattr(model_config, 'get') else 'learn'
   if posemb == 'sincos2d':
     from vit_jax.models import vit  # pylint: disable=g-import-not-at-top

@@ -380,6 +380,23 @@ def interpolate_posembed(posemb: np.ndarray, num_tokens: int, has_class_token: b
 # ---------------------------------------------------------------------------
 
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+# posemb='learn2d' (paper App. D.4): one table per grid axis, (1, g, D/2).
+POSEMB_2D_KEYS = ('Transformer/posembed_input/row_embedding',
+                  'Transformer/posembed_input/col_embedding')
+
+
+def interpolate_axis_embedding(table: np.ndarray, length: int) -> np.ndarray:
+  """Resizes a (1, g, D') per-axis table of posemb='learn2d' to `length` rows.
+
+  The 1-D counterpart of `interpolate_posembed`: `scipy.ndimage.zoom(order=1)`
+  along the grid axis (linear with the ends aligned), so a 2-D table built
+  from the resized row and column tables equals the bilinear resize of the
+  table built from the originals.
+  """
+  table = np.asarray(table)
+  if table.ndim != 3 or table.shape[0] != 1:
+    raise ValueError(f'expected a (1, g, D) axis embedding, got {table.shape}')
+  return scipy.ndimage.zoom(table, (1, length / table.shape[1], 1), order=1).astype(table.dtype)
 
 
 def shape_diff(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
@@ -429,8 +446,17 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
       num_prefix = {'token': 1, 'token_unpooled': 1, 'distill': 2}.get(classifier, 0)
       restored[POSEMB_KEY] = interpolate_posembed(
           old, np.shape(new)[1], num_prefix, new_grid=grid)
+  for key in POSEMB_2D_KEYS:
+    if key in restored and key in expected:
+      old, new = np.asarray(restored[key]), np.shape(expected[key])
+      if old.shape != tuple(new) and old.shape[2:] == tuple(new)[2:]:
+        restored[key] = interpolate_axis_embedding(old, new[1])
 
   diff = shape_diff(restored, expected)
+  if diff and any(k.endswith('/rel_embedding') for k in restored):
+    diff.append('  posemb=rel: relative embeddings have one row per offset of the token '
+                'sequence (2T-1) and are not resized; fine-tune at the pre-training '
+                'resolution, or pre-train with posemb=learn2d / learn.')
   if diff:
     raise CheckpointError(_misfit(f'Checkpoint {pretrained_path}', pretrained_path,
                                   unflatten(restored), model_config, diff))

@@ -25,7 +25,10 @@ Array = jax.Array
 Dtype = Any
 
 CLASSIFIERS = ('token', 'gap', 'unpooled', 'token_unpooled', 'distill')
-POSEMBS = ('learn', 'sincos2d', 'none')
+# Paper App. D.4 / Table 8: 1-D learned (the default), 2-D learned (row and
+# column tables of D/2 each, concatenated), relative (a learned bias on the
+# attention logits), fixed 2-D sine-cosine, and none (a bag of patches).
+POSEMBS = ('learn', 'learn2d', 'rel', 'sincos2d', 'none')
 # 'auto': cuDNN flash attention where it applies (GPU, bf16/fp16), else einsum.
 ATTENTIONS = ('auto', 'einsum', 'xla', 'cudnn')
 # The cuDNN kernel wants the token axis padded: ViT's 197 / 577 tokens become
@@ -81,6 +84,55 @@ class AddPositionEmbs(nn.Module):
           'checkpoint.load_pretrained).')
     pe = self.param('pos_embedding', self.posemb_init, (1,) + x.shape[1:])
     return x + pe.astype(x.dtype)
+
+
+def learn2d_table(row: Array, col: Array) -> Array:
+  """(1, gh, D/2) row and (1, gw, D/2) column tables -> (1, gh*gw, D), raster order.
+
+  The patch at (i, j) gets concat(row[i], col[j]) (paper App. D.4).
+  """
+  gh, gw = row.shape[1], col.shape[1]
+  grid = jnp.concatenate([jnp.broadcast_to(row[:, :, None], (1, gh, gw, row.shape[-1])),
+                          jnp.broadcast_to(col[:, None, :], (1, gh, gw, col.shape[-1]))], -1)
+  return grid.reshape(1, gh * gw, -1)
+
+
+class AddPositionEmbs2D(nn.Module):
+  """Learned 2-D position embedding (paper App. D.4, "2-D Pos. Emb.").
+
+  Params: `row_embedding` (1, gh, D/2), `col_embedding` (1, gw, D/2) and, for
+  models with a class token, `prefix_embedding` (1, num_prefix, D), the
+  prefix tokens' own embedding (they sit on no grid cell).
+  """
+  grid: tuple[int, int]
+  num_prefix_tokens: int = 0
+  posemb_init: Callable = nn.initializers.normal(stddev=0.02)
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    if d % 2:
+      raise ValueError(f'posemb=learn2d needs an even width, got {d}.')
+    (gh, gw), p = self.grid, self.num_prefix_tokens
+    if self.has_variable('params', 'row_embedding'):
+      have = (self.get_variable('params', 'row_embedding').shape[1],
+              self.get_variable('params', 'col_embedding').shape[1])
+      if have != (gh, gw):
+        raise ValueError(
+            f'2-D position embedding is for a {have[0]}x{have[1]} grid but the input gives '
+            f'{gh}x{gw}. Resize it with checkpoint.load_pretrained.')
+    row = self.param('row_embedding', self.posemb_init, (1, gh, d // 2))
+    col = self.param('col_embedding', self.posemb_init, (1, gw, d // 2))
+    pe = learn2d_table(row, col)
+    if p:
+      pe = jnp.concatenate([self.param('prefix_embedding', self.posemb_init, (1, p, d)), pe], 1)
+    return x + pe.astype(x.dtype)
+
+
+def relative_offsets(num_tokens: int) -> np.ndarray:
+  """(T, T) index into a (2T-1)-row table of the offset q - k, shifted to >= 0."""
+  pos = np.arange(num_tokens)
+  return pos[:, None] - pos[None, :] + num_tokens - 1
 
 
 class _Weights(nn.Module):
@@ -153,13 +205,20 @@ class MultiHeadDotProductAttention(nn.Module):
   the diagonal (each token's attention to itself) masked out.
 
   `attention` picks the kernel (ATTENTIONS): the fused `padded_attention`
-  needs no attention weights, so the einsum path is kept for `locality`, for
-  attention dropout at train time, and whenever the caller asks for the
-  `intermediates` collection (the analysis tools read the weights).
+  needs no attention weights, so the einsum path is kept for `locality` and
+  `relative`, for attention dropout at train time, and whenever the caller
+  asks for the `intermediates` collection (the analysis tools read the weights).
+
+  `relative=True` is the paper's 1-D relative attention (App. D.4): every
+  offset q - k of the raster order (class token first) has a learned key
+  `rel_embedding` of shape (2T-1, heads, head_dim); the query attends to
+  those keys too, and the resulting logits are added to the content logits
+  before the softmax.
   """
   num_heads: int
   dropout_rate: float = 0.
   locality: bool = False
+  relative: bool = False
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
 
@@ -180,7 +239,7 @@ class MultiHeadDotProductAttention(nn.Module):
     b = jnp.stack([q_b, k_b, v_b], axis=0).astype(self.dtype)    # (3, H, hd)
     impl = _resolve_attention(self.attention, self.dtype)
     dropout = not deterministic and self.dropout_rate > 0
-    if (impl != 'einsum' and not self.locality and not dropout
+    if (impl != 'einsum' and not self.locality and not self.relative and not dropout
         and not self.is_mutable_collection('intermediates')):
       # Token-major (k, b, t, h, e): the layout of jax.nn.dot_product_attention.
       qkv = jnp.einsum('btd,dkhe->kbthe', x.astype(self.dtype), w) + b[:, None, None]
@@ -201,6 +260,19 @@ class MultiHeadDotProductAttention(nn.Module):
       logits = jnp.where(eye, jnp.finfo(logits.dtype).min, logits)
     else:
       logits = jnp.einsum('bhqe,bhke->bhqk', q / np.sqrt(hd).astype(self.dtype), k)
+    if self.relative:
+      t = x.shape[1]
+      if (self.has_variable('params', 'rel_embedding') and
+          self.get_variable('params', 'rel_embedding').shape[0] != 2 * t - 1):
+        raise ValueError(
+            f'relative position embedding has '
+            f'{self.get_variable("params", "rel_embedding").shape[0]} offsets, the input of '
+            f'{t} tokens needs {2 * t - 1}: use the resolution it was trained at.')
+      rel = self.param('rel_embedding', nn.initializers.normal(stddev=0.02),
+                       (2 * t - 1, self.num_heads, hd))
+      rel_logits = jnp.einsum('bhqe,rhe->bhqr', q / np.sqrt(hd).astype(self.dtype),
+                              rel.astype(self.dtype))                # (B, H, T, 2T-1)
+      logits = logits + rel_logits[:, :, np.arange(t)[:, None], relative_offsets(t)]
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     self.sow('intermediates', 'attention_weights', weights)
     if dropout:
@@ -233,6 +305,7 @@ class Encoder1DBlock(nn.Module):
   dropout_rate: float = 0.1
   attention_dropout_rate: float = 0.1
   locality_attention: bool = False
+  relative_posemb: bool = False
   dtype: Dtype = jnp.float32
   attention: str = 'auto'
 
@@ -241,7 +314,8 @@ class Encoder1DBlock(nn.Module):
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_0')(x)
     y = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.attention_dropout_rate,
-        locality=self.locality_attention, dtype=self.dtype, attention=self.attention,
+        locality=self.locality_attention, relative=self.relative_posemb, dtype=self.dtype,
+        attention=self.attention,
         name='MultiHeadDotProductAttention_1')(y, deterministic=deterministic)
     x = x + nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='LayerNorm_2')(x)
@@ -269,11 +343,13 @@ class Encoder(nn.Module):
   def __call__(self, x: Array, *, train: bool) -> Array:
     if self.posemb == 'learn':
       x = AddPositionEmbs(name='posembed_input')(x)
+    elif self.posemb == 'learn2d':
+      x = AddPositionEmbs2D(tuple(self.grid), self.num_prefix_tokens, name='posembed_input')(x)
     elif self.posemb == 'sincos2d':
       pe = sincos2d(*self.grid, x.shape[-1])
       pe = np.concatenate([np.zeros((self.num_prefix_tokens, x.shape[-1]), np.float32), pe])
       x = x + jnp.asarray(pe, x.dtype)[None]
-    elif self.posemb != 'none':
+    elif self.posemb not in ('none', 'rel'):  # 'rel' lives in the attention.
       raise ValueError(f'posemb must be one of {POSEMBS}, got {self.posemb!r}')
     self.sow('intermediates', 'encoder_input', x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -290,7 +366,8 @@ class Encoder(nn.Module):
       x = block(
           mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
           attention_dropout_rate=self.attention_dropout_rate,
-          locality_attention=self.locality_attention, dtype=self.dtype,
+          locality_attention=self.locality_attention,
+          relative_posemb=self.posemb == 'rel', dtype=self.dtype,
           attention=self.attention, name=f'encoderblock_{i}')(x, not train)
       self.sow('intermediates', 'block_outputs', x)
     return nn.LayerNorm(epsilon=1e-6, name='encoder_norm')(x.astype(jnp.float32))
@@ -311,7 +388,8 @@ class VisionTransformer(nn.Module):
     classifier: 'token' (class token), 'gap' (mean of tokens, no class
       token; paper App. D.3), 'unpooled' / 'token_unpooled' (per-token
       outputs), 'distill' (DeiT: class + distillation tokens).
-    posemb: 'learn' (default), 'sincos2d' (fixed) or 'none' (paper App. D.4).
+    posemb: 'learn' (1-D, default), 'learn2d' (row + column), 'rel'
+      (relative attention bias), 'sincos2d' (fixed) or 'none' (paper App. D.4).
     tokenizer: None (patch conv) or a dict {'type': 'spt' | 'rpt', ...}.
     dtype: computation dtype (params stay float32). With bfloat16 the
       matmuls and convolutions run in bf16; LayerNorm statistics, the
