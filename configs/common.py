@@ -141,6 +141,10 @@ def get_config() -> ml_collections.ConfigDict:
       'grad_clip_norm': 1.0})
   c.label_smoothing = 0.0
   c.dtype = 'auto'
+  # Polyak averaging (paper Table 2): EMA of the params with this decay, e.g.
+  # 0.9999; None = off. Eval then also reports accuracy_test_polyak and the
+  # export holds the averaged params (the raw ones in <model_name>_raw.npz).
+  c.polyak_decay = config_dict.placeholder(float)
 
   c.log_every = 10
   c.eval_every = 100

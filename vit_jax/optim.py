@@ -208,6 +208,16 @@ def accumulate_gradients(loss_fn: Callable[..., tuple[jax.Array, Any]],
   return loss_sum / accum_steps, carry, grads
 
 
+def polyak_update(average: PyTree, params: PyTree, decay: float) -> PyTree:
+  """One step of Polyak (exponential moving) averaging of the parameters.
+
+  average <- decay * average + (1 - decay) * params, leaf by leaf in the
+  params' dtype (Polyak & Juditsky 1992; the paper's Table 2 numbers).
+  """
+  return jax.tree.map(lambda a, p: (decay * a + (1. - decay) * p).astype(a.dtype),
+                      average, params)
+
+
 def schedule_values(schedule: Callable[[jax.Array], jax.Array],
                     total_steps: int) -> np.ndarray:
   """lr of updates 1..total_steps, for plots and tests."""

@@ -12,12 +12,14 @@ Workdir layout (others rely on it):
                        the launch is accepted; a relaunch that changes a
                        trajectory key is refused (vit_jax.workdir)
   checkpoints/<step>/  orbax checkpoints of {step, params, opt_state[,
-                       batch_stats]} plus vit_jax_digest.json; training
-                       resumes from the newest one that verifies
+                       batch_stats][, polyak]} plus vit_jax_digest.json;
+                       training resumes from the newest one that verifies
   workdir.lock         the live run holding the workdir (vit_jax.workdir)
   config_changes.jsonl changes accepted with --config.resume_changed=True
   damaged_checkpoints/ steps that failed verification, moved aside
-  <model_name>.npz     final params in the official layout (`checkpoint.load`)
+  <model_name>.npz     final params in the official layout (`checkpoint.load`);
+                       the Polyak average when config.polyak_decay is set
+  <model_name>_raw.npz the raw final params, only with config.polyak_decay
   labels.txt           class names, one per line, in label order
   events.out.tfevents* TensorBoard scalars (train_loss, lr, accuracy_test,
                        loss_test, img_sec_core_train, ...)
@@ -64,6 +66,7 @@ class TrainResult:
   params: PyTree
   batch_stats: PyTree | None
   history: list[dict[str, float]]
+  polyak: PyTree | None = None  # The Polyak average, with config.polyak_decay.
 
 
 # ---------------------------------------------------------------------------
@@ -88,6 +91,7 @@ _SCHEMA: dict[str, tuple[type, ...]] = {
     'total_steps': (int,),
     'accum_steps': (int,),
     'label_smoothing': _NUM,
+    'polyak_decay': _NUM + (type(None),),
     'eval_every': _OPT_INT,
     'checkpoint_every': _OPT_INT,
     'keep_checkpoints': _OPT_INT,
@@ -150,6 +154,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for key in ('batch_size', 'total_steps', 'image_size', 'log_every'):
     if key in config and config[key] <= 0:
       raise ConfigError(f'config.{key} must be > 0, got {config[key]}.')
+  decay = config.get('polyak_decay')
+  if decay is not None and not 0 <= decay < 1:
+    raise ConfigError(f'config.polyak_decay must be in [0, 1) (e.g. 0.9999) or None '
+                      f'for no averaging, got {decay}.')
   accum = config.get('accum_steps', 1) or 1
   if accum < 1 or config.batch_size % accum:
     raise ConfigError(f'config.batch_size={config.batch_size} must be a '
@@ -352,6 +360,7 @@ def make_train_step(model, tx: optax.GradientTransformation,
   """
   accum = int(config.get('accum_steps', 1) or 1)
   smoothing = float(config.get('label_smoothing', 0.0) or 0.0)
+  polyak_decay = config.get('polyak_decay')
 
   def train_step(state, batch, rng, teacher_vars=None):
     def loss_fn(params, batch, rng, batch_stats):
@@ -386,6 +395,9 @@ def make_train_step(model, tx: optax.GradientTransformation,
                      opt_state=opt_state)
     if batch_stats is not None:
       new_state['batch_stats'] = batch_stats
+    if polyak_decay is not None:
+      new_state['polyak'] = optim.polyak_update(state['polyak'], new_state['params'],
+                                                polyak_decay)
     metrics = {'train_loss': loss, 'grad_norm': optax.global_norm(grads),
                'lr': schedule(step)}
     return new_state, metrics
@@ -770,6 +782,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
              'opt_state': tx.init(params)}
     if 'batch_stats' in variables:
       state['batch_stats'] = variables['batch_stats']
+    if config.get('polyak_decay') is not None:
+      state['polyak'] = params  # The average starts at the initial params.
     return state
 
   logging.info('Initialising the model%s...', f' and loading {pretrained_path(config)}'
@@ -804,6 +818,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       params = ckpt_lib.load_pretrained(
           path, sharding.to_host(state['params']), mc)
       state['params'] = _put(params, state_sh['params'])
+      if 'polyak' in state:
+        state['polyak'] = _put(params, state_sh['polyak'])
       logging.info('Loaded pre-trained weights from %s.', path)
   start_step = int(sharding.to_host(state['step']))
   # The launch is accepted: config.json becomes this run's identity.
@@ -828,8 +844,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       out_shardings=repl)
 
   def evaluate(state) -> dict[str, float]:
-    return evaluate_split(eval_step, state['params'], state.get('batch_stats'),
-                          config, batch_sh)
+    ev = evaluate_split(eval_step, state['params'], state.get('batch_stats'),
+                        config, batch_sh)
+    if 'polyak' in state:
+      ev.update(polyak_metrics(evaluate_split(
+          eval_step, state['polyak'], state.get('batch_stats'), config, batch_sh)))
+    return ev
 
   fewshot_cfg = (config.get('evals') or {}).get('fewshot')
   fewshot = None
@@ -913,8 +933,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
       flush(step)  # Never checkpoint a diverged state.
       if do_eval:
         ev = evaluate(state)
-        writer.write_scalars(step, {k: ev[k] for k in ('accuracy_test',
-                                                       'loss_test')})
+        writer.write_scalars(step, {k: v for k, v in ev.items()
+                                    if k.startswith(('accuracy_test', 'loss_test'))})
         logging.info('step %d | accuracy_test %.4f | loss_test %.4f', step,
                      ev['accuracy_test'], ev['loss_test'])
       if do_fewshot:
@@ -944,9 +964,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   params = sharding.to_host(state['params'])
   batch_stats = (sharding.to_host(state['batch_stats'])
                  if 'batch_stats' in state else None)
+  polyak = sharding.to_host(state['polyak']) if 'polyak' in state else None
   export_path = os.path.join(workdir, f'{mc.model_name}.npz')
   if is_main:
-    ckpt_lib.save(params, export_path, batch_stats=batch_stats, model_config=mc)
+    export_params(workdir, mc.model_name, params, polyak, batch_stats, mc)
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
       json.dump(dict(final, step=total_steps), f, indent=2)
     logging.info('Exported the trained params to %s.', export_path)
@@ -955,7 +976,25 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   final['step'] = total_steps
   if history:
     final['train_loss'] = history[-1]['train_loss']
-  return TrainResult(final, params, batch_stats, history)
+  return TrainResult(final, params, batch_stats, history, polyak)
+
+
+def polyak_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+  """Eval metrics of the Polyak-averaged params, named `<metric>_polyak`."""
+  return {f'{k}_polyak': v for k, v in metrics.items() if k != 'num_test_examples'}
+
+
+def export_params(workdir: str, name: str, params: PyTree, polyak: PyTree | None,
+                  batch_stats: PyTree | None, model_config: Any = None) -> None:
+  """Writes `<name>.npz`: the Polyak average when there is one (the params the
+  paper reports), the raw params then going to `<name>_raw.npz`."""
+  path = os.path.join(workdir, f'{name}.npz')
+  if polyak is None:
+    ckpt_lib.save(params, path, batch_stats=batch_stats, model_config=model_config)
+    return
+  ckpt_lib.save(polyak, path, batch_stats=batch_stats, model_config=model_config)
+  ckpt_lib.save(params, os.path.join(workdir, f'{name}_raw.npz'), batch_stats=batch_stats,
+                model_config=model_config)
 
 
 def metrics_lr(schedule: Callable, step: int) -> float:
