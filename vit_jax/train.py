@@ -91,6 +91,7 @@ _SCHEMA: dict[str, tuple[type, ...]] = {
     'total_steps': (int,),
     'accum_steps': (int,),
     'label_smoothing': _NUM,
+    'mpp': (ml_collections.ConfigDict, dict, type(None)),
     'polyak_decay': _NUM + (type(None),),
     'eval_every': _OPT_INT,
     'checkpoint_every': _OPT_INT,
@@ -274,6 +275,18 @@ def device_prefetch(batches, size: int = 2):
     yield queue.popleft()
 
 
+def objective_from_config(config: ml_collections.ConfigDict):
+  """The self-supervised objective of `config.mpp` (masked patch prediction,
+  vit_jax/models/mpp.py), or None for the supervised classification loss."""
+  if config.get('mpp') is None:
+    return None
+  from vit_jax.models import mpp  # pylint: disable=g-import-not-at-top
+  try:
+    return mpp.from_config(config, tuple(model_config(config).patches.size))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+
+
 # ---------------------------------------------------------------------------
 # Resolution: what the checkpoint decides (model, recipe), before anything runs.
 # ---------------------------------------------------------------------------
@@ -346,7 +359,7 @@ def _fill_none(node: ml_collections.ConfigDict, values: Mapping,
 
 def make_train_step(model, tx: optax.GradientTransformation,
                     schedule: Callable, config: ml_collections.ConfigDict,
-                    teacher: Any = None) -> Callable:
+                    teacher: Any = None, objective: Any = None) -> Callable:
   """Returns train_step(state, batch, rng, teacher_vars) -> (state, metrics).
 
   `teacher` is the frozen teacher module (or None); its variables come in as
@@ -356,7 +369,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
   `optim.accumulate_gradients`, so resumed runs and any accum_steps draw
   reproducible masks. With `teacher` (DeiT hard-label distillation) the model
   returns (B, 2, C) logits at train time and the loss is
-  0.5 * CE(cls, y) + 0.5 * CE(dist, argmax teacher(x)).
+  0.5 * CE(cls, y) + 0.5 * CE(dist, argmax teacher(x)). An `objective`
+  (objective_from_config) replaces the classification loss.
   """
   accum = int(config.get('accum_steps', 1) or 1)
   smoothing = float(config.get('label_smoothing', 0.0) or 0.0)
@@ -365,6 +379,8 @@ def make_train_step(model, tx: optax.GradientTransformation,
   def train_step(state, batch, rng, teacher_vars=None):
     def loss_fn(params, batch, rng, batch_stats):
       variables = {'params': params}
+      if objective is not None:
+        return jnp.mean(objective.loss(model, variables, batch, rng)), batch_stats
       kwargs = {'train': True, 'rngs': {'dropout': rng}}
       if batch_stats is not None:
         variables['batch_stats'] = batch_stats
@@ -405,12 +421,18 @@ def make_train_step(model, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(model) -> Callable:
-  """eval_step(params, batch_stats, batch) -> masked sums of correct, loss."""
+def make_eval_step(model, objective: Any = None) -> Callable:
+  """eval_step(params, batch_stats, batch) -> masked sums of correct, loss.
+
+  With an `objective`, its own accuracy and loss (e.g. masked patch
+  prediction's) instead of the labels'.
+  """
   def eval_step(params, batch_stats, batch):
     variables = {'params': params}
     if batch_stats is not None:
       variables['batch_stats'] = batch_stats
+    if objective is not None:
+      return objective.eval_sums(model, variables, batch)
     logits = model.apply(variables, batch['image'], train=False)
     mask = batch['mask']
     loss = optim.cross_entropy(logits, batch['label'])
@@ -761,7 +783,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                    '; its files are listed in test_files.txt' if what == 'test' else '')
 
   # ========================= Model =========================
-  model, mc = build_model(config, num_classes)
+  objective = objective_from_config(config)  # None: classification.
+  model, mc = build_model(config, objective.num_outputs if objective else num_classes)
   teacher = load_teacher(config, num_classes)
   write_run_info(workdir, model)
 
@@ -776,7 +799,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
 
   def init_state(rng):
-    variables = model.init({'params': rng, 'dropout': rng}, dummy, train=False)
+    variables = model.init({'params': rng, 'dropout': rng}, dummy, train=False,
+                           **(objective.init_kwargs(config.image_size) if objective else {}))
     params = variables['params']
     state = {'step': jnp.zeros((), jnp.int32), 'params': params,
              'opt_state': tx.init(params)}
@@ -835,11 +859,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     teacher_sh = jax.tree.map(lambda _: repl, teacher[1])
     teacher_vars = _put(teacher[1], teacher_sh)
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, config, teacher_module),
+      make_train_step(model, tx, schedule, config, teacher_module, objective),
       in_shardings=(state_sh, batch_sh, repl, teacher_sh),
       out_shardings=(state_sh, repl), donate_argnums=(0,))
   eval_step = jax.jit(
-      make_eval_step(model),
+      make_eval_step(model, objective),
       in_shardings=(state_sh['params'], state_sh.get('batch_stats'), batch_sh),
       out_shardings=repl)
 
@@ -967,7 +991,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   polyak = sharding.to_host(state['polyak']) if 'polyak' in state else None
   export_path = os.path.join(workdir, f'{mc.model_name}.npz')
   if is_main:
-    export_params(workdir, mc.model_name, params, polyak, batch_stats, mc)
+    strip = objective.export_params if objective else (lambda p: p)
+    export_params(workdir, mc.model_name, strip(params),
+                  None if polyak is None else strip(polyak), batch_stats, mc)
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
       json.dump(dict(final, step=total_steps), f, indent=2)
     logging.info('Exported the trained params to %s.', export_path)

@@ -416,7 +416,11 @@ class VisionTransformer(nn.Module):
   remat: str | None = None
 
   @nn.compact
-  def __call__(self, inputs: Array, *, train: bool = False) -> Array:
+  def __call__(self, inputs: Array, *, train: bool = False,
+               corruption: Any | None = None) -> Array:
+    """Logits (or features). `corruption` (masked patch prediction, see
+    vit_jax/models/mpp.py) replaces patch embeddings before the class token
+    and position embeddings are added; it creates the `mask_embedding` param."""
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'classifier must be one of {CLASSIFIERS}, got {self.classifier!r}')
     if inputs.ndim != 4:
@@ -441,6 +445,10 @@ class VisionTransformer(nn.Module):
     n, h, w, c = x.shape
     x = x.reshape(n, h * w, c)
     self.sow('intermediates', 'patch_tokens', x)
+    if corruption is not None:  # Paper App. B.1.2.
+      from vit_jax.models import mpp  # pylint: disable=g-import-not-at-top
+      mask = self.param('mask_embedding', nn.initializers.normal(stddev=0.02), (1, 1, c))
+      x = mpp.apply_corruption(x, corruption, mask)
 
     num_prefix = {'token': 1, 'token_unpooled': 1, 'distill': 2}.get(self.classifier, 0)
     if num_prefix:
