@@ -3,7 +3,7 @@
 # per table cell, each into its own workdir (re-running resumes or skips).
 #
 #   CIFAR10_DIR=/data/cifar10 TINY_IMAGENET_DIR=/data/tiny-imagenet-200 \
-#   WORKDIRS=workdirs bash benchmarks/reproduce.sh [pretrain|table1|table5|all]
+#   WORKDIRS=workdirs bash benchmarks/reproduce.sh [pretrain|table1|table5|methods|all]
 #
 # CIFAR10_DIR holds train/<class>/*.jpg and test/<class>/*.jpg (e.g. the JPEG
 # CIFAR-10 archive extracted); TINY_IMAGENET_DIR the extracted
@@ -52,4 +52,27 @@ if [[ $what == table5 || $what == all ]]; then
   # Tiny-ImageNet val at 48px (pre-training was 32px): 200 steps of batch 128.
   run table5_tiny_imagenet --config=configs/finetune_shipped.py:tiny_imagenet \
       --config.dataset=folder:$TINY_IMAGENET_DIR
+fi
+
+# The paper's remaining methods (docs/reproduction.md, sections 6-9).
+if [[ $what == methods || $what == all ]]; then
+  # Masked patch prediction on Tiny-ImageNet at 32px (600 steps of batch 128),
+  # then the digits fine-tune of the quickstart from its encoder (and, from
+  # the same config, the scratch twin).
+  run mpp_tiny_imagenet --config=configs/mpp.py:tiny_imagenet \
+      --config.dataset=folder:$TINY_IMAGENET_DIR --config.total_steps=600
+  run mpp_finetune_digits --config=configs/finetune_shipped.py:digits \
+      --config.pretrained_path=$W/mpp_tiny_imagenet/SmallViT_8.npz --config.polyak_decay=0.99
+  # Supervised pre-training (the shipped checkpoint) on the same fine-tune,
+  # with Polyak averaging (decay 0.99 over 300 steps).
+  run polyak_digits --config=configs/finetune_shipped.py:digits --config.polyak_decay=0.99
+  # Position-embedding ablation (Table 8) on CIFAR-10 from scratch.
+  for p in none learn learn2d rel sincos2d; do
+    run posemb_$p --config=configs/posemb_ablation.py:$p --config.dataset=folder:$CIFAR10_DIR
+  done
+  # The learning-rate protocol (Table 4) for the digits fine-tune.
+  if [[ ! -f $W/sweep_digits/sweep.json ]] || ! grep -q '"final": {' $W/sweep_digits/sweep.json; then
+    python -m vit_jax.sweep --config=configs/finetune_shipped.py:digits \
+        --workdir=$W/sweep_digits
+  fi
 fi
