@@ -151,6 +151,10 @@ def test_pretrain_export_and_finetune_load(tmp_path):
   assert 'mask_embedding' in result.params and 'mask_embedding' not in exported
   assert exported['head']['kernel'].shape == (192, 512)
   assert 'pos_embedding' in exported['Transformer']['posembed_input']
+  # So does `python -m vit_jax.export` of the last checkpoint.
+  from vit_jax import export
+  export.export(str(tmp_path / 'mpp'), str(tmp_path / 'again.npz'))
+  assert 'mask_embedding' not in ckpt_lib.load(str(tmp_path / 'again.npz'))
   # A usual fine-tuning model (token classifier, 10 classes, 40px) loads it.
   ft_config = config.copy_and_resolve_references()
   with ft_config.unlocked():

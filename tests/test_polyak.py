@@ -78,6 +78,14 @@ def test_polyak_equals_hand_computed_ema(tmp_path):
   for k in raw:
     np.testing.assert_array_equal(exported[k], got[k], err_msg=k)
     np.testing.assert_array_equal(exported_raw[k], raw[k], err_msg=k)
+  # `python -m vit_jax.export` of the last checkpoint follows the same rule.
+  from vit_jax import export
+  export.export(str(workdir), str(tmp_path / 'again.npz'))
+  again = ckpt_lib.flatten(ckpt_lib.load(str(tmp_path / 'again.npz')))
+  again_raw = ckpt_lib.flatten(ckpt_lib.load(str(tmp_path / 'again_raw.npz')))
+  for k in raw:
+    np.testing.assert_array_equal(again[k], got[k], err_msg=k)
+    np.testing.assert_array_equal(again_raw[k], raw[k], err_msg=k)
   # Eval reports both, each a real accuracy of its own params.
   final = json.loads((workdir / 'final_metrics.json').read_text())
   for key in ('accuracy_test', 'accuracy_test_polyak', 'loss_test_polyak'):

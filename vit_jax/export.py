@@ -5,6 +5,11 @@ The original code could not do this, and it was its most asked question::
   python -m vit_jax.export --workdir=/tmp/vit_cifar10 --out=model.npz           # latest step
   python -m vit_jax.export --workdir=/tmp/vit_cifar10 --step=500 --out=s500.npz
 
+The export rule, the same for training's final export and for this command
+(`write`): with Polyak averaging (config.polyak_decay) the file holds the
+averaged params and ``<name>_raw.npz`` beside it the raw ones; masked patch
+prediction's ``mask_embedding`` is left out (vit_jax/models/mpp.py).
+
 Training keeps orbax checkpoints of its whole state (step, params, optimizer
 state, BatchNorm statistics) in ``workdir/checkpoints``. We read ONLY the
 parameters (and ``batch_stats`` if any) with orbax's partial restore, as host
@@ -31,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-# Subtrees of the training state that belong in the exported file.
-EXPORTED_KEYS = ('params', 'batch_stats')
+# Subtrees of the training state that belong in the exported files.
+EXPORTED_KEYS = ('params', 'batch_stats', 'polyak')
 
 
 class ExportError(ValueError):
@@ -128,6 +133,29 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[int, dict[
                     f'training checkpoint.')
 
 
+def raw_path(path: str) -> str:
+  """Where the raw params go when `path` holds the Polyak average."""
+  base, ext = os.path.splitext(path)
+  return f'{base}_raw{ext or ".npz"}'
+
+
+def write(path: str, params: Any, polyak: Any | None = None,
+          batch_stats: Any | None = None, model_config: Any = None) -> list[str]:
+  """Writes trained params in the official layout; returns the files written.
+
+  `path` gets the Polyak average when there is one (what the paper reports),
+  the raw params then going to `raw_path(path)`. `model_config` goes to the
+  sidecar `checkpoint.save` writes.
+  """
+  from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import mpp  # pylint: disable=g-import-not-at-top
+  kw = dict(batch_stats=batch_stats, model_config=model_config)
+  if polyak is None:
+    return [checkpoint.save(mpp.export_params(params), path, **kw)]
+  return [checkpoint.save(mpp.export_params(polyak), path, **kw),
+          checkpoint.save(mpp.export_params(params), raw_path(path), **kw)]
+
+
 def _flat(tree: Any) -> dict[str, np.ndarray]:
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   return checkpoint.flatten(tree)
@@ -139,11 +167,15 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[int, str]:
   Raises ExportError unless the written file loads back bit-identically.
   """
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import mpp  # pylint: disable=g-import-not-at-top
   step, variables = restore_variables(workdir, step)
-  checkpoint.save(variables['params'], out, batch_stats=variables.get('batch_stats'))
+  write(out, variables['params'], variables.get('polyak'), variables.get('batch_stats'))
   back = checkpoint.load_variables(out)
-  for name in variables:
-    want, got = _flat(variables[name]), _flat(back.get(name, {}))
+  written = {'params': mpp.export_params(variables.get('polyak') or variables['params'])}
+  if 'batch_stats' in variables:
+    written['batch_stats'] = variables['batch_stats']
+  for name in written:
+    want, got = _flat(written[name]), _flat(back.get(name, {}))
     bad = sorted(k for k in want if k not in got or want[k].dtype != got[k].dtype or
                  not np.array_equal(want[k], got[k]))
     if bad or set(got) != set(want):

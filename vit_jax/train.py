@@ -49,6 +49,7 @@ import optax
 from absl import logging
 
 from vit_jax import checkpoint as ckpt_lib
+from vit_jax import export as export_lib
 from vit_jax import models, optim, sharding
 from vit_jax import workdir as workdir_lib
 
@@ -991,9 +992,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   polyak = sharding.to_host(state['polyak']) if 'polyak' in state else None
   export_path = os.path.join(workdir, f'{mc.model_name}.npz')
   if is_main:
-    strip = objective.export_params if objective else (lambda p: p)
-    export_params(workdir, mc.model_name, strip(params),
-                  None if polyak is None else strip(polyak), batch_stats, mc)
+    export_lib.write(export_path, params, polyak, batch_stats, model_config=mc)
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
       json.dump(dict(final, step=total_steps), f, indent=2)
     logging.info('Exported the trained params to %s.', export_path)
@@ -1008,19 +1007,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
 def polyak_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
   """Eval metrics of the Polyak-averaged params, named `<metric>_polyak`."""
   return {f'{k}_polyak': v for k, v in metrics.items() if k != 'num_test_examples'}
-
-
-def export_params(workdir: str, name: str, params: PyTree, polyak: PyTree | None,
-                  batch_stats: PyTree | None, model_config: Any = None) -> None:
-  """Writes `<name>.npz`: the Polyak average when there is one (the params the
-  paper reports), the raw params then going to `<name>_raw.npz`."""
-  path = os.path.join(workdir, f'{name}.npz')
-  if polyak is None:
-    ckpt_lib.save(params, path, batch_stats=batch_stats, model_config=model_config)
-    return
-  ckpt_lib.save(polyak, path, batch_stats=batch_stats, model_config=model_config)
-  ckpt_lib.save(params, os.path.join(workdir, f'{name}_raw.npz'), batch_stats=batch_stats,
-                model_config=model_config)
 
 
 def metrics_lr(schedule: Callable, step: int) -> float:

@@ -21,7 +21,7 @@ The model is the plain VisionTransformer with per-token outputs
 (``classifier='token_unpooled'``) and ``num_classes = num_outputs(...)``, so
 its parameter tree is the official one plus the top-level ``mask_embedding``
 (created when the model is called with ``corruption=``). `export_params`
-drops that: the exported encoder loads into any fine-tuning config, whose
+(applied by every export, vit_jax/export.py) drops that: the exported encoder loads into any fine-tuning config, whose
 ``load_pretrained`` replaces the MPP head like any other head.
 
 The training loop (vit_jax/train.py) uses this module through
@@ -220,10 +220,15 @@ class MaskedPatchPrediction:
     return {'correct': jnp.sum(per_image_acc * mask), 'loss': jnp.sum(per_image_loss * mask),
             'count': jnp.sum(mask)}
 
-  @staticmethod
-  def export_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """The encoder and head in the official layout: `mask_embedding` dropped."""
-    return {k: v for k, v in params.items() if k != 'mask_embedding'}
+
+
+def export_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """The encoder and head in the official layout: `mask_embedding` dropped.
+
+  vit_jax.export applies it to every export, so an MPP run's file loads into
+  any fine-tuning config; other models have no such key.
+  """
+  return {k: v for k, v in params.items() if k != 'mask_embedding'}
 
 
 def from_config(config: Any, patch_size: tuple[int, int]) -> MaskedPatchPrediction | None:
