@@ -168,3 +168,20 @@ def test_learn2d_wrong_grid_says_how_to_fix():
   params = _init(model)
   with pytest.raises(ValueError, match='load_pretrained'):
     model.apply({'params': params}, jnp.ones((1, 24, 24, 3)))
+
+
+def test_relative_takes_the_einsum_path_under_every_attention_kernel():
+  # The fused kernels have no relative bias: 'xla' must give the einsum numbers.
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  params = _init(_model('rel'))
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                        params)
+  outs = {}
+  for attention in ('einsum', 'xla'):
+    model = vit.VisionTransformer(
+        num_classes=10, patches={'size': (4, 4)}, hidden_size=D,
+        transformer=dict(mlp_dim=64, num_heads=HEADS, num_layers=2, dropout_rate=0.,
+                         attention_dropout_rate=0.),
+        posemb='rel', attention=attention)
+    outs[attention] = model.apply({'params': params}, x)
+  np.testing.assert_allclose(outs['xla'], outs['einsum'], atol=1e-6)
