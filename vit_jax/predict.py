@@ -135,15 +135,20 @@ def num_prefix_tokens(model_config: Any) -> int:
 def image_size_from_params(params: Any, model_config: Any) -> tuple[int, int] | None:
   """Resolution a checkpoint was trained at, read off its position embeddings."""
   try:
-    posemb = params['Transformer']['posembed_input']['pos_embedding']
+    table = params['Transformer']['posembed_input']
   except (KeyError, TypeError):
-    return None
-  n = np.shape(posemb)[1] - num_prefix_tokens(model_config)
-  g = round(math.sqrt(n))
-  if g * g != n:
     return None
   ph, pw = tuple(_get(_get(model_config, 'patches'), 'size'))
   s = _backbone_stride(model_config)
+  if 'row_embedding' in table:  # posemb='learn2d': the grid is explicit.
+    return (np.shape(table['row_embedding'])[1] * ph * s,
+            np.shape(table['col_embedding'])[1] * pw * s)
+  if 'pos_embedding' not in table:
+    return None
+  n = np.shape(table['pos_embedding'])[1] - num_prefix_tokens(model_config)
+  g = round(math.sqrt(n))
+  if g * g != n:
+    return None
   return (g * ph * s, g * pw * s)
 
 
@@ -222,9 +227,13 @@ def load_bundle(checkpoint: str | None = None, model: Any = None,
     if prefix > 1 or size[0] % (ph * s) or size[1] % (pw * s):
       raise PredictError(f'Cannot run this model at {size}: the image size must be a multiple '
                          f'of {ph * s}x{pw * s}, with at most one class token.')
-    pos['pos_embedding'] = ckpt.interpolate_posembed(
-        pos['pos_embedding'], grid[0] * grid[1] + prefix, has_class_token=prefix > 0,
-        new_grid=grid)
+    if 'row_embedding' in pos:  # posemb='learn2d'
+      pos['row_embedding'] = ckpt.interpolate_axis_embedding(pos['row_embedding'], grid[0])
+      pos['col_embedding'] = ckpt.interpolate_axis_embedding(pos['col_embedding'], grid[1])
+    else:
+      pos['pos_embedding'] = ckpt.interpolate_posembed(
+          pos['pos_embedding'], grid[0] * grid[1] + prefix, has_class_token=prefix > 0,
+          new_grid=grid)
   module = models.get_model(model_config, num_classes=int(info['num_classes']), dtype=dtype)
   _check_fits(module, params, size, checkpoint, model_config)
   names = read_labels(labels) if labels else None
