@@ -58,7 +58,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +67,7 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 import tensorflow as tf
 
 from vit_jax import checkpoint, preprocess
+from vit_jax.dataset_info import DatasetInfo
 
 # Keep TensorFlow off any accelerator: JAX owns them.
 try:
@@ -84,18 +85,6 @@ TFDS_HOST = ('storage.googleapis.com', 443)
 
 _SHUFFLE_SALT = 0x5EED
 _AUGMENT_SALT = 0xA06
-
-
-class DatasetInfo(NamedTuple):
-  num_classes: int
-  num_train: int
-  num_test: int
-  class_names: tuple[str, ...]
-  # 'folder:<root>/train = 90% of every class of <root> (...)' and the like.
-  train_description: str = ''
-  test_description: str = ''
-  # The test files when 'test' was held out of a folder without test/ or val/.
-  held_out_test_files: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

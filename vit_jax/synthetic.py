@@ -19,19 +19,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vit_jax.dataset_info import DatasetInfo
+
 NAME = 'synthetic'
 DEFAULT_NUM_CLASSES = 1000   # config.num_classes = None: an ImageNet-sized head.
 NUM_EVAL_BATCHES = 1
-
-
-class DatasetInfo(NamedTuple):   # The fields of input_pipeline.DatasetInfo.
-  num_classes: int
-  num_train: int
-  num_test: int
-  class_names: tuple[str, ...]
-  train_description: str = 'synthetic'
-  test_description: str = 'synthetic'
-  held_out_test_files: tuple[str, ...] = ()
 
 
 class _Spec(NamedTuple):
@@ -57,7 +49,7 @@ def get_dataset_info(config: Any) -> DatasetInfo:
   n = num_classes(config)
   return DatasetInfo(n, int(config.batch_size),
                      NUM_EVAL_BATCHES * int(config.get('batch_size_eval') or config.batch_size),
-                     tuple(f'class_{i}' for i in range(n)))
+                     tuple(f'class_{i}' for i in range(n)), NAME, NAME)
 
 
 def make_train_iter(config: Any, *, start_step: int = 0, **unused: Any) -> Iterator[_Spec]:
