@@ -6,6 +6,9 @@ team and CI, but not in a user's clone: tests that need it skip with a reason.
 
 import os
 import pathlib
+import re
+import signal
+import subprocess
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -73,3 +76,28 @@ def tiny_imagenet_val_dir() -> pathlib.Path:
   keep = ('tiny-imagenet-200/val/', 'tiny-imagenet-200/wnids.txt', 'tiny-imagenet-200/words.txt')
   return extract_once('tiny-imagenet-200.tar.gz', 'tiny_imagenet_val',
                       lambda m: m.name.startswith(keep)) / 'tiny-imagenet-200'
+
+
+def use_compile_cache(env: dict, tmp_path_factory) -> None:
+  """Subprocesses share a persistent compilation cache: a relaunched run
+  reuses the killed run's executables (compilation is most of their time)."""
+  env['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+  env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+
+
+def sigkill_at_step(cmd: list, env: dict, step: int, total: int) -> int:
+  """Starts `cmd` (a `python -m vit_jax.main` run of `total` steps), SIGKILLs it
+  once its log reaches `step`, and returns the step it was killed at."""
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  killed_at = None
+  for line in proc.stderr:
+    m = re.search(rf'step (\d+)/{total}', line)
+    if m and int(m.group(1)) >= step:
+      proc.send_signal(signal.SIGKILL)
+      killed_at = int(m.group(1))
+      break
+  proc.wait(timeout=60)
+  assert killed_at is not None and proc.returncode == -signal.SIGKILL, proc.returncode
+  return killed_at

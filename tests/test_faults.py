@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import REPO, SUBPROCESS_ENV, tiny_config
+from conftest import REPO, SUBPROCESS_ENV, tiny_config, use_compile_cache
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import train
@@ -40,10 +40,7 @@ ENV = dict(SUBPROCESS_ENV)
 
 @pytest.fixture(scope='module', autouse=True)
 def _compile_cache(tmp_path_factory):
-  # Relaunches reuse the first run's executables.
-  ENV['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
-  ENV['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  ENV['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  use_compile_cache(ENV, tmp_path_factory)   # Relaunches reuse the first run's executables.
 
 
 def cmd(workdir, *overrides):

@@ -5,7 +5,6 @@ relaunch bit-exactly; eval reports both, export writes the average."""
 
 import json
 import re
-import signal
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO, SUBPROCESS_ENV, tiny_config
+from conftest import REPO, SUBPROCESS_ENV, sigkill_at_step, tiny_config
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import models, optim, sharding, train
@@ -115,17 +114,7 @@ def test_sigkill_and_relaunch_keeps_polyak_bit_exact(tmp_path):
   cmd = [sys.executable, '-m', 'vit_jax.main', f'--config={TINY}', f'--workdir={workdir}',
          f'--config.total_steps={TOTAL}', f'--config.polyak_decay={DECAY}']
   env = dict(SUBPROCESS_ENV)
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  killed_at = None
-  for line in proc.stderr:  # checkpoint_every=2: from step 3 on one exists.
-    m = re.search(rf'step (\d+)/{TOTAL}', line)
-    if m and int(m.group(1)) >= 5:
-      proc.send_signal(signal.SIGKILL)
-      killed_at = int(m.group(1))
-      break
-  proc.wait(timeout=60)
-  assert killed_at is not None and proc.returncode == -signal.SIGKILL
+  killed_at = sigkill_at_step(cmd, env, 5, TOTAL)   # checkpoint_every=2: from step 3 on one exists.
   assert not (workdir / 'tiny-test.npz').exists()
   out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-4000:]

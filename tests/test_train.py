@@ -10,7 +10,6 @@ import math
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import REPO, SUBPROCESS_ENV, golden_dir, tiny_config
+from conftest import (REPO, SUBPROCESS_ENV, golden_dir, sigkill_at_step, tiny_config,
+                      use_compile_cache)
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import models, optim, train
@@ -34,11 +34,7 @@ ENV = SUBPROCESS_ENV
 
 @pytest.fixture(scope='module', autouse=True)
 def _compile_cache(tmp_path_factory):
-  # Subprocesses share a persistent compilation cache: a relaunched run
-  # reuses the killed run's executables (compilation is most of their time).
-  ENV['JAX_COMPILATION_CACHE_DIR'] = str(tmp_path_factory.mktemp('jax_cache'))
-  ENV['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
-  ENV['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '0'
+  use_compile_cache(ENV, tmp_path_factory)
 
 
 def main_cmd(workdir, *overrides):
@@ -183,18 +179,7 @@ def test_sigkill_and_relaunch_gives_identical_params(reference, tmp_path):
   seed = int(os.environ.get('VIT_JAX_TEST_SEED', random.SystemRandom().randrange(2**31)))
   kill_at = random.Random(seed).randint(3, TOTAL - 2)
   print(f'SIGKILL at step {kill_at} (VIT_JAX_TEST_SEED={seed})')
-  proc = subprocess.Popen(main_cmd(workdir), cwd=REPO, env=ENV,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
-  killed_at = None
-  for line in proc.stderr:
-    m = re.search(rf'step (\d+)/{TOTAL}', line)
-    if m and int(m.group(1)) >= kill_at:
-      proc.send_signal(signal.SIGKILL)
-      killed_at = int(m.group(1))
-      break
-  proc.wait(timeout=60)
-  assert killed_at is not None and proc.returncode == -signal.SIGKILL
+  killed_at = sigkill_at_step(main_cmd(workdir), ENV, kill_at, TOTAL)
   assert not (workdir / 'tiny-test.npz').exists()
   out = run_main(workdir)
   resumed_at = int(re.search(r'Resumed from .* at step (\d+)', out.stderr).group(1))
