@@ -91,6 +91,11 @@ def sigkill_at_step(cmd: list, env: dict, step: int, total: int) -> int:
   once its log reaches `step`, and returns the step it was killed at."""
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
+  return kill_at_step(proc, step, total)
+
+
+def kill_at_step(proc: subprocess.Popen, step: int, total: int) -> int:
+  """SIGKILLs a running `vit_jax.main` (stderr piped, text) at `step`; returns it."""
   killed_at = None
   for line in proc.stderr:
     m = re.search(rf'step (\d+)/{total}', line)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import REPO, SUBPROCESS_ENV, tiny_config, use_compile_cache
+from conftest import REPO, SUBPROCESS_ENV, kill_at_step, tiny_config, use_compile_cache
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import train
@@ -274,15 +274,7 @@ def test_lock_refuses_a_second_run_and_a_stale_lock_is_taken_over(finished, tmp_
     assert 'is in use by another run' in line
     assert f'host {socket.gethostname()}, pid {first.pid}, started 20' in line
     first.send_signal(signal.SIGCONT)
-    killed_at = None
-    for text in first.stderr:
-      m = re.search(rf'step (\d+)/{TOTAL}', text)
-      if m and int(m.group(1)) >= kill_at:
-        first.send_signal(signal.SIGKILL)
-        killed_at = int(m.group(1))
-        break
-    first.wait(timeout=60)
-    assert killed_at is not None and first.returncode == -signal.SIGKILL
+    killed_at = kill_at_step(first, kill_at, TOTAL)
   finally:
     if first.poll() is None:
       first.kill()
