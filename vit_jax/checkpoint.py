@@ -102,12 +102,18 @@ def _is_remote(path: str) -> bool:
   return '://' in str(path)
 
 
-def _read_bytes(path: str) -> bytes:
+def local_path(path: str) -> str:
+  """An official name or URL -> its cached local copy (downloaded once, see
+  vit_jax.download); any other path unchanged. Failures are CheckpointErrors."""
   from vit_jax import download  # pylint: disable=g-import-not-at-top
-  try:   # Official names and URLs: a cached local copy, downloaded once.
-    path = download.resolve(path)
+  try:
+    return download.resolve(path)
   except download.DownloadError as e:
     raise CheckpointError(str(e)) from None
+
+
+def _read_bytes(path: str) -> bytes:
+  path = local_path(path)
   if _is_remote(path):
     from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
     try:
@@ -605,11 +611,7 @@ def infer_model(params_or_path: Mapping[str, Any] | str | os.PathLike,
   from vit_jax.models import presets  # pylint: disable=g-import-not-at-top
   path = os.fspath(params_or_path) if isinstance(params_or_path, (str, os.PathLike)) else None
   if path:
-    from vit_jax import download  # pylint: disable=g-import-not-at-top
-    try:   # An official name or URL: its cached local copy.
-      path = download.resolve(path)
-    except download.DownloadError as e:
-      raise CheckpointError(str(e)) from None
+    path = local_path(path)
   params = load(path) if path else params_or_path
   what = f'Checkpoint {path}' if path else 'The parameters'
 

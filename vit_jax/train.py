@@ -503,11 +503,8 @@ def check_pretrained_available(config: ml_collections.ConfigDict) -> None:
   path = pretrained_path(config)
   if not path:
     return
-  from vit_jax import download  # pylint: disable=g-import-not-at-top
-  try:   # An official name or URL: downloaded (once) now, not after the data work.
-    path = download.resolve(path)
-  except download.DownloadError as e:
-    raise ckpt_lib.CheckpointError(str(e)) from None
+  # An official name or URL: downloaded (once) now, not after the data work.
+  path = ckpt_lib.local_path(path)
   if '://' in path:
     check_remote_reachable(path)
   elif not os.path.exists(path):

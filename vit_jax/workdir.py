@@ -337,8 +337,17 @@ def _files(d):
       yield p
 
 
+def _sha256(path) -> str:
+  """Hashes in 1 MiB chunks: a ViT-L step's files need not fit in host memory twice."""
+  h = hashlib.sha256()
+  with path.open('rb') as f:
+    while chunk := f.read(1 << 20):
+      h.update(chunk)
+  return h.hexdigest()
+
+
 def _file_digests(step_dir) -> dict[str, str]:
-  return {str(p.relative_to(step_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+  return {str(p.relative_to(step_dir)): _sha256(p)
           for p in _files(step_dir) if p.name != DIGEST_NAME}
 
 
