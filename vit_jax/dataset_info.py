@@ -1,12 +1,16 @@
 """What a data source tells the loop about a dataset (no TensorFlow here).
 
 Shared by `vit_jax.input_pipeline` (tf.data) and `vit_jax.synthetic`, the
-two modules `train.data_module` chooses between.
+two modules `train.data_module` chooses between, and by `vit_jax.predict`
+(which must not import TensorFlow for its file listing).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+# Image files the folder datasets and predict accept (any case).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
 
 class DatasetInfo(NamedTuple):

@@ -67,7 +67,7 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 import tensorflow as tf
 
 from vit_jax import checkpoint, preprocess
-from vit_jax.dataset_info import DatasetInfo
+from vit_jax.dataset_info import IMAGE_EXTENSIONS, DatasetInfo
 
 # Keep TensorFlow off any accelerator: JAX owns them.
 try:
@@ -77,7 +77,6 @@ except (RuntimeError, ValueError):  # already initialised / no GPU support
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 ACCEPTED_DATASETS = "a TFDS name (e.g. 'cifar10'), 'folder:<root>', 'npz:<file.npz>' or 'digits'"
 
 # Probed before a TFDS download: TFDS fetches prepared data from GCS first.

@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-# input_pipeline.IMAGE_EXTENSIONS (not imported: it brings TensorFlow in).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+from vit_jax.dataset_info import IMAGE_EXTENSIONS
 
 
 class PredictError(ValueError):
