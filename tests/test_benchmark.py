@@ -79,11 +79,11 @@ def test_benchmark_train_real_clock(tiny):
 
 
 def test_timed_train_step_is_the_loops_step(tiny):
-  """`--train` times train.make_train_step under FINETUNE_RECIPE: a timed call
+  """`--train` times train_step.make_train_step under FINETUNE_RECIPE: a timed call
   returns the loss of a hand-run loop step from the same state and batch."""
   import ml_collections
 
-  from vit_jax import optim, train
+  from vit_jax import optim, train_step
   model, variables = tiny
   # The head is zero-initialised; perturb it so every gradient is non-trivial.
   variables = {'params': jax.tree.map(lambda p: p + 0.01, variables['params'])}
@@ -100,7 +100,7 @@ def test_timed_train_step_is_the_loops_step(tiny):
            'label': jax.random.randint(jax.random.fold_in(key, 1), (4,), 0, 10)}
   state = {'step': jnp.zeros((), jnp.int32), 'params': variables['params'],
            'opt_state': tx.init(variables['params'])}
-  loop_step = jax.jit(train.make_train_step(model, tx, schedule, recipe))
+  loop_step = jax.jit(train_step.make_train_step(model, tx, schedule, recipe))
   ref = []
   for _ in range(2):
     state, metrics = loop_step(state, batch, key)

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from vit_jax import checkpoint, export
+from vit_jax.workdir import Workdir
 
 
 def _state(seed, with_batch_stats=False):
@@ -51,7 +52,7 @@ def _assert_same(flat, tree):
 def test_export_any_step_bit_identical(tmp_path, capsys):
   wd = str(tmp_path)
   states = _write(wd, [3, 7])
-  assert export.list_steps(wd) == [3, 7]
+  assert Workdir(wd).steps() == [3, 7]
   step, out = export.export(wd, str(tmp_path / 'step3.npz'), step=3)
   assert step == 3
   _assert_same(checkpoint.flatten(checkpoint.load(out)), states[3]['params'])

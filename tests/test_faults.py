@@ -29,7 +29,7 @@ import pytest
 from conftest import REPO, SUBPROCESS_ENV, kill_at_step, tiny_config, use_compile_cache
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import train
+from vit_jax import hub, train
 from vit_jax import workdir as workdir_lib
 
 TINY = 'tests/_tiny_config.py'
@@ -471,7 +471,7 @@ def test_half_precision_checkpoints_are_upcast(params, tmp_path):
       np.testing.assert_array_equal(loaded[k], v.astype(np.float32), err_msg=k)
     # And they fine-tune: load_pretrained resamples a half-precision posemb.
     config = tiny_config()
-    model, mc = train.build_model(config, 10)
+    model, mc = hub.build(config, 10)
     # At 12x12 (36 patches, the checkpoint has 16): scipy's zoom resamples
     # the position embeddings, which it cannot do in float16.
     init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 3)))['params']
@@ -487,7 +487,7 @@ def test_directory_and_missing_key_are_named(params, tmp_path, finished):
   del flat['embedding/kernel']
   path = _write(tmp_path / 'missing.npz', flat)
   config = tiny_config()
-  model, mc = train.build_model(config, 10)
+  model, mc = hub.build(config, 10)
   init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))['params']
   with pytest.raises(ckpt_lib.CheckpointError,
                      match=r'missing in checkpoint \(1\): embedding/kernel'):
@@ -500,11 +500,10 @@ def _cli(module, *args):
 
 
 def test_predict_bundle_refuses_non_finite_params(params, tmp_path, finished):
-  from vit_jax import predict  # pylint: disable=g-import-not-at-top
   nan = dict(params)
   nan['head/bias'] = np.full_like(nan['head/bias'], np.nan)
-  with pytest.raises(predict.PredictError, match='non-finite values in 1 arrays: head/bias'):
-    predict.load_bundle(_write(tmp_path / 'nan.npz', nan), workdir=str(finished))
+  with pytest.raises(hub.HubError, match='non-finite values in 1 arrays: head/bias'):
+    hub.load(str(finished), checkpoint=_write(tmp_path / 'nan.npz', nan))
 
 
 @pytest.mark.slow

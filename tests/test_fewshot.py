@@ -5,14 +5,14 @@ and a separable case that must score 100%."""
 import numpy as np
 import pytest
 
-from vit_jax import fewshot
+from vit_jax import evaluators, fewshot, linear_probe
 
 
 def _direct_ridge(x, labels, num_classes, l2):
   """The same ridge problem, written out and solved with numpy.linalg.solve."""
   mean = x.mean(0, keepdims=True)
   std = np.maximum(x.std(0, keepdims=True), 1e-5)
-  xd = np.concatenate([(x - mean) / std, np.full((len(x), 1), fewshot.BIAS_VALUE)], 1)
+  xd = np.concatenate([(x - mean) / std, np.full((len(x), 1), linear_probe.BIAS_VALUE)], 1)
   y = 2.0 * np.eye(num_classes)[labels] - 1.0
   w = np.linalg.solve(xd.T @ xd + l2 * np.eye(xd.shape[1]), xd.T @ y)
   return w, xd, y, mean, std
@@ -24,13 +24,13 @@ def test_weights_match_direct_solve(n, d, l2):
   rng = np.random.default_rng(0)
   x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3, size=d) + rng.normal(size=d)
   labels = rng.integers(0, 4, size=n)
-  cache = fewshot.ridge_precompute(x, labels, 4)
+  cache = linear_probe.ridge_precompute(x, labels, 4)
   w_direct, *_ = _direct_ridge(x, labels, 4, l2)
-  np.testing.assert_allclose(fewshot.ridge_weights(cache, l2), w_direct, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(linear_probe.ridge_weights(cache, l2), w_direct, atol=1e-5, rtol=1e-5)
   x_test = rng.normal(size=(30, d))
   w_direct, _, _, mean, std = _direct_ridge(x, labels, 4, l2)
-  xd_test = np.concatenate([(x_test - mean) / std, np.full((30, 1), fewshot.BIAS_VALUE)], 1)
-  np.testing.assert_allclose(fewshot.ridge_predict(cache, fewshot.ridge_weights(cache, l2), x_test),
+  xd_test = np.concatenate([(x_test - mean) / std, np.full((30, 1), linear_probe.BIAS_VALUE)], 1)
+  np.testing.assert_allclose(linear_probe.ridge_predict(cache, linear_probe.ridge_weights(cache, l2), x_test),
                              xd_test @ w_direct, atol=1e-5, rtol=1e-5)
 
 
@@ -39,7 +39,7 @@ def test_leave_one_out_matches_refitting(n, d):
   rng = np.random.default_rng(1)
   x = rng.normal(size=(n, d))
   labels = rng.integers(0, 3, size=n)
-  cache = fewshot.ridge_precompute(x, labels, 3)
+  cache = linear_probe.ridge_precompute(x, labels, 3)
   _, xd, y, _, _ = _direct_ridge(x, labels, 3, 1.0)
   for l2 in (0.5, 50.0):
     preds = []
@@ -48,7 +48,7 @@ def test_leave_one_out_matches_refitting(n, d):
       w = np.linalg.solve(xd[keep].T @ xd[keep] + l2 * np.eye(d + 1), xd[keep].T @ y[keep])
       preds.append(xd[i] @ w)
     preds = np.array(preds)
-    acc, mse = fewshot.ridge_loo(cache, l2)
+    acc, mse = linear_probe.ridge_loo(cache, l2)
     assert acc == pytest.approx(np.mean(preds.argmax(1) == labels), abs=1e-12)
     assert mse == pytest.approx(np.mean((preds - y) ** 2), rel=1e-8)
 
@@ -62,24 +62,24 @@ def test_protocol_accuracy_per_l2_matches_direct_solution():
   labels_test = rng.integers(0, num_classes, size=200)
   x_test = centres[labels_test] + 1.5 * rng.normal(size=(200, d))
   l2s = (1.0, 64.0)
-  res = fewshot.fewshot_accuracies(x_train, labels_train, x_test, labels_test, num_classes,
+  res = linear_probe.fewshot_accuracies(x_train, labels_train, x_test, labels_test, num_classes,
                                    shots=(2, 10), seeds=(0, 3), l2_regs=l2s)
   for k in (2, 10):
     for l2 in l2s:
       accs = []
       for seed in (0, 3):
-        idx = fewshot.sample_shots(labels_train, num_classes, k, seed)
+        idx = linear_probe.sample_shots(labels_train, num_classes, k, seed)
         w, _, _, mean, std = _direct_ridge(x_train[idx], labels_train[idx], num_classes, l2)
-        xd = np.concatenate([(x_test - mean) / std, np.full((200, 1), fewshot.BIAS_VALUE)], 1)
+        xd = np.concatenate([(x_test - mean) / std, np.full((200, 1), linear_probe.BIAS_VALUE)], 1)
         accs.append(np.mean((xd @ w).argmax(1) == labels_test))
       assert res[k].per_l2[l2] == pytest.approx(np.mean(accs), abs=1e-12)
     # the penalty is the one with the lowest leave-one-out squared error, and
     # the reported accuracy is the test accuracy at that penalty
     for seed, seed_acc, l2 in zip((0, 3), res[k].per_seed, res[k].chosen_l2):
-      idx = fewshot.sample_shots(labels_train, num_classes, k, seed)
-      cache = fewshot.ridge_precompute(x_train[idx], labels_train[idx], num_classes)
-      assert l2 == min(l2s, key=lambda v: fewshot.ridge_loo(cache, v)[1])
-      assert seed_acc == fewshot.ridge_accuracy(cache, l2, x_test, labels_test)
+      idx = linear_probe.sample_shots(labels_train, num_classes, k, seed)
+      cache = linear_probe.ridge_precompute(x_train[idx], labels_train[idx], num_classes)
+      assert l2 == min(l2s, key=lambda v: linear_probe.ridge_loo(cache, v)[1])
+      assert seed_acc == linear_probe.ridge_accuracy(cache, l2, x_test, labels_test)
   assert res[10].accuracy > 0.5  # 5 classes, chance is 0.2
 
 
@@ -97,35 +97,35 @@ def test_separable_classes_score_100_percent(standardize, centres):
   x_train = centres[labels_train] + 0.3 * rng.normal(size=(len(labels_train), d))
   labels_test = np.repeat(np.arange(num_classes), 50)
   x_test = centres[labels_test] + 0.3 * rng.normal(size=(len(labels_test), d))
-  res = fewshot.fewshot_accuracies(x_train, labels_train, x_test, labels_test, num_classes,
+  res = linear_probe.fewshot_accuracies(x_train, labels_train, x_test, labels_test, num_classes,
                                    shots=(1, 5, 10, 25), seeds=(0, 1, 2),
                                    standardize=standardize)
   for k, r in res.items():
     assert r.accuracy == 1.0, (k, r)
-  metrics = fewshot.results_to_metrics('synthetic', res)
+  metrics = linear_probe.results_to_metrics('synthetic', res)
   assert metrics == {f'fewshot/synthetic_{k}shot': 1.0 for k in (1, 5, 10, 25)}
 
 
 def test_sample_shots_nested_and_balanced():
   labels = np.repeat(np.arange(3), 10)
-  a = fewshot.sample_shots(labels, 3, 2, seed=7)
-  b = fewshot.sample_shots(labels, 3, 5, seed=7)
+  a = linear_probe.sample_shots(labels, 3, 2, seed=7)
+  b = linear_probe.sample_shots(labels, 3, 5, seed=7)
   assert np.bincount(labels[a]).tolist() == [2, 2, 2]
   assert np.bincount(labels[b]).tolist() == [5, 5, 5]
   assert set(a) <= set(b)
-  assert not np.array_equal(a, fewshot.sample_shots(labels, 3, 2, seed=8))
+  assert not np.array_equal(a, linear_probe.sample_shots(labels, 3, 2, seed=8))
 
 
 def test_clear_errors():
   labels = np.array([0, 0, 1])
-  with pytest.raises(fewshot.FewShotError, match='Class 1 has 1 training example'):
-    fewshot.sample_shots(labels, 2, 2, seed=0)
-  with pytest.raises(fewshot.FewShotError, match=r'Labels must lie in \[0, 2\)'):
-    fewshot.ridge_precompute(np.zeros((3, 4)), np.array([0, 1, 2]), 2)
-  with pytest.raises(fewshot.FewShotError, match='NaN or Inf'):
-    fewshot.ridge_precompute(np.full((3, 4), np.nan), labels, 2)
-  with pytest.raises(fewshot.FewShotError, match='must be > 0'):
-    fewshot.ridge_weights(fewshot.ridge_precompute(np.eye(3), labels, 2), 0.0)
+  with pytest.raises(linear_probe.FewShotError, match='Class 1 has 1 training example'):
+    linear_probe.sample_shots(labels, 2, 2, seed=0)
+  with pytest.raises(linear_probe.FewShotError, match=r'Labels must lie in \[0, 2\)'):
+    linear_probe.ridge_precompute(np.zeros((3, 4)), np.array([0, 1, 2]), 2)
+  with pytest.raises(linear_probe.FewShotError, match='NaN or Inf'):
+    linear_probe.ridge_precompute(np.full((3, 4), np.nan), labels, 2)
+  with pytest.raises(linear_probe.FewShotError, match='must be > 0'):
+    linear_probe.ridge_weights(linear_probe.ridge_precompute(np.eye(3), labels, 2), 0.0)
 
 
 def test_evaluator_matches_direct_solution_on_digits():
@@ -142,7 +142,7 @@ def test_evaluator_matches_direct_solution_on_digits():
   params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
   cfg = {'dataset': 'digits', 'image_size': 16, 'shots': (1, 5), 'seeds': (0, 1), 'l2_regs': (1.0, 64.0),
              'batch_size': 128, 'per_l2': True}
-  ev = fewshot.FewShotEvaluator(cfg, model)
+  ev = evaluators.FewShotEvaluator(cfg, model)
   metrics = ev.run(params)
   assert set(metrics) == {'fewshot/digits_1shot', 'fewshot/digits_5shot',
                           'fewshot/digits_1shot_l2=1', 'fewshot/digits_1shot_l2=64',
@@ -172,24 +172,24 @@ def test_evaluator_matches_direct_solution_on_digits():
     for l2 in (1.0, 64.0):
       accs = []
       for seed in (0, 1):
-        idx = fewshot.sample_shots(y_train, 10, k, seed)
+        idx = linear_probe.sample_shots(y_train, 10, k, seed)
         w, _, _, mean, std = _direct_ridge(x_train[idx].astype(np.float64), y_train[idx], 10, l2)
-        cache = fewshot.ridge_precompute(x_pool[np.searchsorted(rows, idx)], y_train[idx], 10)
-        np.testing.assert_allclose(fewshot.ridge_weights(cache, l2), w, atol=1e-5, rtol=1e-5)
-        xd = np.concatenate([(x_test - mean) / std, np.full((len(x_test), 1), fewshot.BIAS_VALUE)], 1)
+        cache = linear_probe.ridge_precompute(x_pool[np.searchsorted(rows, idx)], y_train[idx], 10)
+        np.testing.assert_allclose(linear_probe.ridge_weights(cache, l2), w, atol=1e-5, rtol=1e-5)
+        xd = np.concatenate([(x_test - mean) / std, np.full((len(x_test), 1), linear_probe.BIAS_VALUE)], 1)
         accs.append(np.mean((xd @ w).argmax(1) == y_test))
       assert metrics[f'fewshot/digits_{k}shot_l2={l2:g}'] == pytest.approx(np.mean(accs), abs=1e-9)
   assert metrics['fewshot/digits_5shot'] > 0.2  # random features still beat chance (0.1)
 
 
 def test_evaluator_errors():
-  with pytest.raises(fewshot.FewShotError, match='evals.fewshot.image_size is required'):
-    fewshot.FewShotEvaluator({'dataset': 'digits'}, model=None)
+  with pytest.raises(linear_probe.FewShotError, match=r'evals.<name>.image_size is required'):
+    evaluators.FewShotEvaluator({'dataset': 'digits'}, model=None)
   flat = {'encoder_out': 1, 'Transformer/block_outputs/0': 2, 'representation': 3}
-  assert fewshot.select_representation(flat, 'pre_logits') == 3
-  assert fewshot.select_representation(flat, 'block_outputs/0') == 2
-  with pytest.raises(fewshot.FewShotError, match="'head' was not sown by the model. Sown layers"):
-    fewshot.select_representation(flat, 'head')
+  assert evaluators.select_representation(flat, 'pre_logits') == 3
+  assert evaluators.select_representation(flat, 'block_outputs/0') == 2
+  with pytest.raises(linear_probe.FewShotError, match="'head' was not sown by the model. Sown layers"):
+    evaluators.select_representation(flat, 'head')
 
 
 def test_cli_json_equals_evaluator(tmp_path, capsys):
@@ -197,7 +197,7 @@ def test_cli_json_equals_evaluator(tmp_path, capsys):
 
   import jax
 
-  from vit_jax import checkpoint, models, predict
+  from vit_jax import checkpoint, hub, models
   model = models.get_model('testing', num_classes=10)
   params = jax.jit(model.init)(jax.random.PRNGKey(2), np.zeros((1, 32, 32, 3), np.float32))['params']
   checkpoint.save(params, str(tmp_path / 'm.npz'))
@@ -205,10 +205,10 @@ def test_cli_json_equals_evaluator(tmp_path, capsys):
           '--shots=2,5', '--seeds=3', '--l2_regs=1,100', '--test_split=test[:100]']
   assert fewshot.main([*args, '--json']) == 0
   out = json.loads(capsys.readouterr().out)
-  bundle = predict.load_bundle(f'{tmp_path}/m.npz', 'testing', image_size=16)
-  ev = fewshot.FewShotEvaluator(
+  bundle = hub.load(f'{tmp_path}/m.npz', model='testing', image_size=16)
+  ev = evaluators.FewShotEvaluator(
       {'dataset': 'digits', 'image_size': 16, 'shots': (2, 5), 'seeds': (3,), 'l2_regs': (1.0, 100.0),
-       'test_split': 'test[:100]'}, bundle.model)
+       'test_split': 'test[:100]'}, bundle.module)
   assert out['metrics'] == ev.run(bundle.params)
   assert out['results']['5']['chosen_l2'][0] in (1.0, 100.0)
   assert fewshot.main([*args]) == 0

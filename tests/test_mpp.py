@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import train
+from vit_jax import hub, train
 from vit_jax.models import mpp, vit
 
 
@@ -160,7 +160,7 @@ def test_pretrain_export_and_finetune_load(tmp_path):
   with ft_config.unlocked():
     ft_config.mpp = None
     ft_config.model = {}
-  model, mc = train.build_model(ft_config, 10)
+  model, mc = hub.build(ft_config, 10)
   init = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 40, 40, 3)))['params']
   params = ckpt_lib.load_pretrained(str(tmp_path / 'mpp' / 'SmallViT_8.npz'), init, mc)
   assert params['head']['kernel'].shape == (192, 10) and not np.any(params['head']['kernel'])

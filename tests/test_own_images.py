@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO, SUBPROCESS_ENV
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import input_pipeline as ip
-from vit_jax import models, predict, train
+from vit_jax import hub, models, predict, train
 
 SHIPPED = REPO / 'checkpoints' / 'SmallViT_8-tiny_imagenet-32px.npz'
 # Three classes a pre-trained model tells apart at once: red, green, blue.
@@ -74,7 +74,7 @@ def test_infer_model_from_sidecar_or_parameter_tree(tmp_path):
     ckpt_lib.infer_model(str(bare), 'ViT-Ti_16')
   assert ckpt_lib.infer_model(str(bare), 'SmallViT_8').model_name == 'SmallViT_8'
   # predict needs no --model either.
-  bundle = predict.load_bundle(checkpoint=str(bare))
+  bundle = hub.load(str(bare))
   assert bundle.model_config.model_name == 'SmallViT_8' and bundle.image_size == (32, 32)
 
 
@@ -325,7 +325,7 @@ def test_flowers_like_train_and_val_folders(tmp_path):
   assert result.params['head']['kernel'].shape == (192, 5)
   assert (tmp_path / 'work' / 'labels.txt').read_text().split() == list(colours)
   assert not (tmp_path / 'work' / 'test_files.txt').exists()
-  bundle = predict.load_bundle(workdir=str(tmp_path / 'work'))
+  bundle = hub.load(str(tmp_path / 'work'))
   assert bundle.labels == list(colours) and bundle.image_size == (32, 32)
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, SUBPROCESS_ENV, sigkill_at_step, tiny_config
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import models, optim, sharding, train
+from vit_jax import hub, models, optim, sharding, train
 
 TINY = 'tests/_tiny_config.py'
 TOTAL = 8
@@ -94,7 +94,7 @@ def test_polyak_equals_hand_computed_ema(tmp_path):
 
 def test_polyak_state_is_sharded_like_the_params():
   config = _config()
-  model, _ = train.build_model(config, 10)
+  model, _ = hub.build(config, 10)
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))
   abstract = {'params': params['params'], 'polyak': params['params']}
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ('data', 'fsdp'))

@@ -190,7 +190,7 @@ def test_relative_takes_the_einsum_path_under_every_attention_kernel():
 def test_predict_reads_and_resizes_a_learn2d_checkpoint(tmp_path):
   import ml_collections
 
-  from vit_jax import predict
+  from vit_jax import hub
   cfg = ml_collections.ConfigDict(dict(
       model_name='l2d', patches={'size': (4, 4)}, hidden_size=D, classifier='token',
       representation_size=None, posemb='learn2d',
@@ -199,10 +199,10 @@ def test_predict_reads_and_resizes_a_learn2d_checkpoint(tmp_path):
   params = _init(_model('learn2d'), 16, 16, seed=2)
   params['head']['kernel'] = jax.random.normal(jax.random.PRNGKey(3), params['head']['kernel'].shape)
   path = checkpoint.save(params, tmp_path / 'l2d.npz')
-  assert predict.image_size_from_params(params, cfg) == (16, 16)
-  bundle = predict.load_bundle(checkpoint=str(path), model=cfg)
+  assert hub.trained_image_size(params, cfg) == (16, 16)
+  bundle = hub.load(str(path), model=cfg)
   assert bundle.image_size == (16, 16)
-  big = predict.load_bundle(checkpoint=str(path), model=cfg, image_size=24)
+  big = hub.load(str(path), model=cfg, image_size=24)
   row = big.params['Transformer']['posembed_input']['row_embedding']
   assert big.image_size == (24, 24) and row.shape == (1, 6, D // 2)
-  assert big.model.apply({'params': big.params}, jnp.ones((1, 24, 24, 3))).shape == (1, 10)
+  assert big.module.apply({'params': big.params}, jnp.ones((1, 24, 24, 3))).shape == (1, 10)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import checkpoint, predict
+from vit_jax import checkpoint, hub, predict
 from vit_jax.models import vit
 
 
@@ -92,9 +92,9 @@ def test_image_size_from_checkpoint_and_top_k(saved_model):
   params = checkpoint.load(path)
   import ml_collections
   mc = ml_collections.ConfigDict({'patches': {'size': (4, 4)}, 'classifier': 'token', 'resnet': None})
-  assert predict.image_size_from_params(params, mc) == (32, 32)
+  assert hub.trained_image_size(params, mc) == (32, 32)
   mc.resnet = {'num_layers': (3, 4, 9)}  # R50 hybrid: the backbone downsamples 16x
-  assert predict.image_size_from_params(params, mc) == (512, 512)
+  assert hub.trained_image_size(params, mc) == (512, 512)
   res = predict.top_k(np.array([[0.1, 0.7, 0.2]]), 2, ['a', 'b', 'c'])
   assert res == [[{'label': 1, 'name': 'b', 'prob': 0.7}, {'label': 2, 'name': 'c', 'prob': 0.2}]]
 
@@ -113,17 +113,17 @@ def test_predict_clear_errors(saved_model, tmp_path, capsys):
     predict.collect_images([str(tmp_path / 'empty')])
   with pytest.raises(predict.PredictError, match='neither an image file nor a directory'):
     predict.collect_images([str(tmp_path / 'nope.jpg')])
-  with pytest.raises(predict.PredictError, match='config.json not found'):
-    predict.load_bundle(workdir=str(tmp_path))
-  with pytest.raises(predict.PredictError, match='Label file .* has 2 names but the checkpoint has 3'):
+  with pytest.raises(hub.HubError, match='Checkpoint .* is a directory'):
+    hub.load(str(tmp_path))
+  with pytest.raises(hub.HubError, match='Label file .* has 2 names but the model has 3'):
     cfg = tmp_path / 'wd'
     os.makedirs(cfg)
     (cfg / 'config.json').write_text(json.dumps({
         'model': {'model_name': 'm', 'patches': {'size': [4, 4]}, 'hidden_size': 16, 'classifier': 'token',
                    'transformer': {'mlp_dim': 32, 'num_heads': 2, 'num_layers': 1}}, 'image_size': 32}))
     os.link(path, cfg / 'm.npz')
-    predict.load_bundle(workdir=str(cfg), labels=str(tmp_path / 'two.txt'))
-  bundle = predict.load_bundle(workdir=str(cfg))
+    hub.load(str(cfg), labels=str(tmp_path / 'two.txt'))
+  bundle = hub.load(str(cfg))
   with pytest.raises(predict.PredictError, match=r"Cannot decode image file '.*broken.jpg'"):
     predict.load_images([str(bad)], bundle)
 
@@ -141,7 +141,7 @@ def test_cli_text_output_with_preset(tmp_path, capsys):
   lines = capsys.readouterr().out.splitlines()
   assert lines == [str(tmp_path / 'x.png'), '    0.7500  yes  (1)', '    0.2500  no  (0)']
   # --image_size: position embeddings resampled as for fine-tuning (8x8 -> 12x12 grid)
-  bundle = predict.load_bundle(str(tmp_path / 'm.npz'), 'testing', image_size=48)
+  bundle = hub.load(str(tmp_path / 'm.npz'), model='testing', image_size=48)
   assert bundle.image_size == (48, 48)
   np.testing.assert_array_equal(
       bundle.params['Transformer']['posembed_input']['pos_embedding'],
@@ -178,7 +178,7 @@ def test_exported_npz_predicts_what_training_evaluated(tmp_path, capsys):
   c.checkpoint_every = 12
   c.log_every = 12
   # Few-shot evaluation inside training (config.evals.fewshot), at step 12 and at the end.
-  c.evals = {'fewshot': {'dataset': f'folder:{data}', 'image_size': 16, 'shots': (1, 5),
+  c.evals = {'fewshot': {'type': 'fewshot', 'dataset': f'folder:{data}', 'image_size': 16, 'shots': (1, 5),
                          'seeds': (0, 1), 'batch_size': 32, 'every': 12}}
   wd = str(tmp_path / 'workdir')
   metrics = train.run(c, wd).metrics
@@ -204,9 +204,9 @@ def test_exported_npz_predicts_what_training_evaluated(tmp_path, capsys):
   assert metrics['accuracy_test'] > 0.2  # it learned something in 24 steps (chance 0.1)
 
   # The few-shot numbers training logged are those of the exported model.
-  from vit_jax import fewshot
-  bundle = predict.load_bundle(out, workdir=wd)
-  standalone = fewshot.FewShotEvaluator(c.evals.fewshot, bundle.model).run(bundle.params)
+  from vit_jax import evaluators
+  bundle = hub.load(wd, checkpoint=out)
+  standalone = evaluators.FewShotEvaluator(c.evals.fewshot, bundle.module).run(bundle.params)
   assert set(standalone) == {'fewshot/digits_1shot', 'fewshot/digits_5shot'}
   for k, v in standalone.items():
     assert metrics[k] == pytest.approx(v, abs=1e-9), k

@@ -25,7 +25,7 @@ from conftest import (REPO, SUBPROCESS_ENV, golden_dir, sigkill_at_step, tiny_co
                       use_compile_cache)
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import models, optim, train
+from vit_jax import models, optim, train, train_step
 
 TINY = 'tests/_tiny_config.py'
 TOTAL = 10  # steps of the reference run and of the runs compared with it
@@ -76,7 +76,7 @@ def reference(tmp_path_factory):
   config.total_steps = TOTAL
   # Few-shot linear probe on the pre-logits during training (paper 4.1).
   config.evals = ml_collections.ConfigDict({'fewshot': {
-      'dataset': 'digits', 'image_size': 8, 'shots': (2, 5), 'seeds': (0,),
+      'type': 'fewshot', 'dataset': 'digits', 'image_size': 8, 'shots': (2, 5), 'seeds': (0,),
       'every': 5}})
   result = train.run(config, str(workdir))
   return workdir, result
@@ -230,7 +230,7 @@ def test_accum_steps_4_equals_one_full_batch():
   outs = {}
   for accum in (1, 4):
     config.accum_steps = accum
-    step = jax.jit(train.make_train_step(model, tx, schedule, config))
+    step = jax.jit(train_step.make_train_step(model, tx, schedule, config))
     outs[accum] = step(state, batch, jax.random.PRNGKey(0))
   (s1, m1), (s4, m4) = outs[1], outs[4]
   assert float(m4['train_loss']) == pytest.approx(float(m1['train_loss']), rel=1e-6)
@@ -248,7 +248,7 @@ def test_batchnorm_stats_threaded_through_micro_batches():
            'batch_stats': variables['batch_stats']}
   batch = _random_batch(16)
   config = ml_collections.ConfigDict({'accum_steps': 2})
-  new, _ = jax.jit(train.make_train_step(model, tx, lambda c: 0.0, config))(
+  new, _ = jax.jit(train_step.make_train_step(model, tx, lambda c: 0.0, config))(
       state, batch, jax.random.PRNGKey(0))
   # Second path: apply the two micro-batches (examples 0,2,4.. then 1,3,5..)
   # one after the other with mutable batch_stats.
@@ -273,7 +273,7 @@ def test_deit_hard_label_distillation_loss():
            'opt_state': tx.init(s_params)}
   batch = _random_batch(16)
   config = ml_collections.ConfigDict({'accum_steps': 1})
-  step = jax.jit(train.make_train_step(student, tx, lambda c: 0.0, config,
+  step = jax.jit(train_step.make_train_step(student, tx, lambda c: 0.0, config,
                                        teacher))
   _, metrics = step(state, batch, jax.random.PRNGKey(0), {'params': t_params})
   logits = jax.jit(lambda x: student.apply({'params': s_params}, x,

@@ -404,13 +404,14 @@ def run_all(bundle: Any, paths: Sequence[str], out_dir: str,
   rollout figure shows the first ``max_rollout_images``.
   """
   from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
 
   os.makedirs(out_dir, exist_ok=True)
   images, raw = predict.load_images(paths, bundle)
-  prefix = predict.num_prefix_tokens(bundle.model_config)
+  prefix = vit.num_prefix_tokens(bundle.model_config)
   h, w = bundle.image_size
   maps, dist_sum, grid = [], 0.0, None
-  for att in iter_attentions(bundle.model, bundle.params, images):
+  for att in iter_attentions(bundle.module, bundle.params, images):
     if grid is None:
       grid, _ = infer_grid(att[0].shape[-1], prefix)
       px = (h / grid[0], w / grid[1])
@@ -455,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
 
-  from vit_jax import predict  # pylint: disable=g-import-not-at-top
+  from vit_jax import hub, predict  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog='python -m vit_jax.analysis',
       description='Attention rollout, attention distance, position-embedding similarity and '
@@ -474,11 +475,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU)")
   args = parser.parse_args(argv)
   try:
-    bundle = predict.load_bundle(args.checkpoint, args.model, args.workdir, args.labels,
-                                 args.image_size, dtype=args.dtype)
+    bundle = hub.load(args.workdir or args.checkpoint or '', model=args.model,
+                      checkpoint=args.checkpoint if args.workdir else None,
+                      labels=args.labels, image_size=args.image_size, dtype=args.dtype)
     written = run_all(bundle, predict.collect_images(args.images), args.out_dir,
                       args.num_components, args.max_rollout_images)
-  except (predict.PredictError, AnalysisError) as e:
+  except (predict.PredictError, hub.HubError, AnalysisError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   for name, path in written.items():

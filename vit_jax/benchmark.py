@@ -18,7 +18,7 @@ How it measures (and why):
 - Each repeat times one call with ``block_until_ready``; the reported figure is
   ``batch / median(call times)``. The median resists the bursts of host noise
   seen on shared machines.
-- ``--train`` times the training loop's own step (``train.make_train_step``:
+- ``--train`` times the training loop's own step (``train_step.make_train_step``:
   forward, backward, gradient accumulation, clipping, the optax update with
   the state donated) under the paper's fine-tuning recipe
   (``FINETUNE_RECIPE``), or under ``--config``'s recipe. BatchNorm models
@@ -151,7 +151,7 @@ def _num_params(params: Any) -> int:
 
 
 # The step that `--train` times is the training loop's own
-# (`train.make_train_step`: gradient accumulation, clipping, schedule) under
+# (`train_step.make_train_step`: gradient accumulation, clipping, schedule) under
 # the paper's fine-tuning recipe (App. B.1.1): SGD momentum 0.9 with the
 # momentum in bf16 (as configs/common.py), global-norm clipping at 1, warmup
 # + cosine. `--config=...` times that config's own recipe instead.
@@ -189,7 +189,7 @@ def compile_step(model: Any, variables: dict[str, Any], *, batch: int, resolutio
 
   Inputs are fixed random images in [-1, 1] (and random labels): throughput
   does not depend on pixel values. `variables` = {'params', ['batch_stats']}.
-  The training step is `train.make_train_step` under `train_recipe(recipe)`.
+  The training step is `train_step.make_train_step` under `train_recipe(recipe)`.
   """
   if batch < 1 or resolution < 1:
     raise ValueError(f'batch and resolution must be positive, got {batch}, {resolution}')
@@ -198,7 +198,7 @@ def compile_step(model: Any, variables: dict[str, Any], *, batch: int, resolutio
   variables = jax.device_put(variables, jax.devices()[0])
 
   if train:
-    from vit_jax import optim, train as train_lib  # pylint: disable=g-import-not-at-top
+    from vit_jax import optim, train_step  # pylint: disable=g-import-not-at-top
     recipe = train_recipe(recipe)
     labels = jax.random.randint(jax.random.fold_in(key, 1), (batch,), 0, num_classes)
     batch_arrays = {'image': images, 'label': labels}
@@ -207,7 +207,7 @@ def compile_step(model: Any, variables: dict[str, Any], *, batch: int, resolutio
     # The step donates its state: work on a copy so the caller's arrays survive.
     state = jax.tree.map(jnp.copy, dict(variables, step=jnp.zeros((), jnp.int32),
                                         opt_state=tx.init(variables['params'])))
-    step_fn = jax.jit(train_lib.make_train_step(model, tx, schedule, recipe),
+    step_fn = jax.jit(train_step.make_train_step(model, tx, schedule, recipe),
                       donate_argnums=0)
     start = time.perf_counter()
     compiled = step_fn.lower(state, batch_arrays, key).compile()
@@ -254,27 +254,24 @@ def model_config_from_experiment(config: Any) -> tuple[Any, str]:
   """(model config, display name) from a training config (configs/*.py schema).
 
   `config.model_name` picks a preset and `config.model` overrides its fields,
-  exactly as training merges them (`train.model_config`); either may be
+  exactly as training merges them (`config_schema.model_config`); either may be
   absent, not both.
   """
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  from vit_jax import config_schema  # pylint: disable=g-import-not-at-top
   if config.get('model_name') is None and config.get('model') is None:
     raise ValueError('The config sets neither `model_name` nor `model`: nothing to benchmark.')
-  merged = train.model_config(config).to_dict()
+  merged = config_schema.model_config(config).to_dict()
   return merged, config.get('model_name') or merged['model_name']
 
 
 def build(model_config: Any, *, num_classes: int, resolution: int, dtype: str = 'auto',
           seed: int = 0, **overrides: Any) -> tuple[Any, dict[str, Any]]:
-  """(module, variables) for a preset name or a model config dict.
-
-  `dtype` as `models.resolve_dtype`; `overrides` replace model fields (e.g.
-  attention='einsum', remat='full').
-  """
-  model = models.get_model(model_config, num_classes=num_classes, dtype=dtype, **overrides)
-  x = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
-  variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(seed))
-  return model, dict(variables)
+  """(module, variables) of a randomly initialised preset or model config
+  (`hub.init`); `overrides` replace model fields (e.g. attention='einsum')."""
+  from vit_jax import hub  # pylint: disable=g-import-not-at-top
+  model = hub.init(model_config, num_classes=num_classes, image_size=resolution, dtype=dtype,
+                   seed=seed, **overrides)
+  return model.module, model.variables
 
 
 def run(model_config: Any, *, name: str, batch: int, resolution: int, train: bool = False,

@@ -405,6 +405,34 @@ def interpolate_axis_embedding(table: np.ndarray, length: int) -> np.ndarray:
   return scipy.ndimage.zoom(table, (1, length / table.shape[1], 1), order=1).astype(table.dtype)
 
 
+def fit_position_embeddings(restored: Mapping[str, Any], expected: Mapping[str, Any],
+                            model_config: Any, *, grid: Sequence[int] | None = None
+                            ) -> dict[str, Any]:
+  """`restored` (flat) with its position embeddings resized to `expected`'s shapes.
+
+  The one posemb resize, for fine-tuning at a new resolution (load_pretrained)
+  and for running a checkpoint at one (vit_jax.hub): the prefix tokens
+  (`vit.num_prefix_tokens`: class, DeiT distillation) are kept, the grid is
+  resampled (`interpolate_posembed`), and posemb='learn2d' resizes its row and
+  column tables (`interpolate_axis_embedding`). `grid` is the new (rows,
+  columns) for non-square grids. Entries that already fit, or that differ in
+  more than the token count, are left for `shape_diff` to report.
+  """
+  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  out = dict(restored)
+  if POSEMB_KEY in out and POSEMB_KEY in expected:
+    old, new = np.asarray(out[POSEMB_KEY]), tuple(np.shape(expected[POSEMB_KEY]))
+    if old.shape != new and old.shape[2:] == new[2:]:
+      out[POSEMB_KEY] = interpolate_posembed(old, new[1], vit.num_prefix_tokens(model_config),
+                                             new_grid=grid)
+  for key in POSEMB_2D_KEYS:
+    if key in out and key in expected:
+      old, new = np.asarray(out[key]), tuple(np.shape(expected[key]))
+      if old.shape != new and old.shape[2:] == new[2:]:
+        out[key] = interpolate_axis_embedding(old, new[1])
+  return out
+
+
 def shape_diff(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
   lines = []
   missing = sorted(set(expected) - set(restored))
@@ -437,7 +465,6 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
   restored = flatten(load(pretrained_path))
   expected = flatten(init_params)
   representation_size = _getattr(model_config, 'representation_size')
-  classifier = _getattr(model_config, 'classifier', 'token') or 'token'
 
   if representation_size is None:
     restored = {k: v for k, v in restored.items() if not k.startswith('pre_logits/')}
@@ -446,17 +473,7 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
   restored = {k: v for k, v in restored.items() if not is_head(k)}
   restored.update({k: v for k, v in expected.items() if is_head(k)})
 
-  if POSEMB_KEY in restored and POSEMB_KEY in expected:
-    old, new = restored[POSEMB_KEY], expected[POSEMB_KEY]
-    if old.shape != tuple(np.shape(new)) and old.shape[2:] == tuple(np.shape(new))[2:]:
-      num_prefix = {'token': 1, 'token_unpooled': 1, 'distill': 2}.get(classifier, 0)
-      restored[POSEMB_KEY] = interpolate_posembed(
-          old, np.shape(new)[1], num_prefix, new_grid=grid)
-  for key in POSEMB_2D_KEYS:
-    if key in restored and key in expected:
-      old, new = np.asarray(restored[key]), np.shape(expected[key])
-      if old.shape != tuple(new) and old.shape[2:] == tuple(new)[2:]:
-        restored[key] = interpolate_axis_embedding(old, new[1])
+  restored = fit_position_embeddings(restored, expected, model_config, grid=grid)
 
   diff = shape_diff(restored, expected)
   if diff and any(k.endswith('/rel_embedding') for k in restored):
@@ -547,9 +564,10 @@ def arch_diff(params: Mapping[str, Any], model_config: Any) -> list[str]:
   if _getattr(model_config, 'representation_size') is None:
     got = {k: v for k, v in got.items() if not k.startswith('pre_logits/')}
   for shapes in (got, want):
-    shape = shapes[POSEMB_KEY].shape if POSEMB_KEY in shapes else ()
-    if len(shape) == 3:  # Any number of tokens: resampled to the model's.
-      shapes[POSEMB_KEY] = _Shape((shape[0], -1, shape[2]))
+    for key in (POSEMB_KEY, *POSEMB_2D_KEYS):
+      shape = shapes[key].shape if key in shapes else ()
+      if len(shape) == 3:  # Any number of tokens: resampled to the model's.
+        shapes[key] = _Shape((shape[0], -1, shape[2]))
   return shape_diff(got, want)
 
 

@@ -1,7 +1,7 @@
 """What a data source tells the loop about a dataset (no TensorFlow here).
 
 Shared by `vit_jax.input_pipeline` (tf.data) and `vit_jax.synthetic`, the
-two modules `train.data_module` chooses between, and by `vit_jax.predict`
+two modules `config_schema.data_module` chooses between, and by `vit_jax.predict`
 (which must not import TensorFlow for its file listing).
 """
 

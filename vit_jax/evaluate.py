@@ -7,7 +7,7 @@ The config says which model (``model_name`` + ``model``), which data
 (``dataset``, ``test_split``; override with ``--config.test_split=...``) and
 which preprocessing (``image_size``, ``pp.eval``); the checkpoint gives every
 parameter, head included. Evaluation is the training loop's own
-(`train.evaluate_split`: every example once, the last batch padded and
+(`evaluators.evaluate_split`: every example once, the last batch padded and
 masked), so the accuracy printed here for a training run's exported ``.npz``
 is the ``accuracy_test`` that run logged. At another ``image_size`` the
 position embeddings are interpolated as for fine-tuning (paper §3.2).
@@ -46,26 +46,21 @@ def evaluate_checkpoint(config, checkpoint: str, dtype: str | None = None) -> di
 
   Computes in `dtype`, default config.dtype (as training did).
   """
-  import jax  # pylint: disable=g-import-not-at-top
 
-  from vit_jax import input_pipeline, predict, sharding, train  # pylint: disable=g-import-not-at-top
-  train.validate_config(config)
-  bundle = predict.load_bundle(checkpoint, model=train.model_config(config),
-                               image_size=config.image_size,
-                               dtype=dtype or config.get('dtype', 'auto'))
-  num_classes = bundle.model.num_classes
-  data_classes = config.get('num_classes') or input_pipeline.get_dataset_info(config).num_classes
-  if num_classes != data_classes:
-    raise train.ConfigError(
-        f'{checkpoint} has a {num_classes}-class head but {config.dataset} has '
+  from vit_jax import config_schema, evaluators, hub  # pylint: disable=g-import-not-at-top
+  config_schema.validate_config(config)
+  model = hub.load(checkpoint, model=config_schema.model_config(config),
+                   image_size=config.image_size, dtype=dtype or config.get('dtype', 'auto'))
+  data_classes = (config.get('num_classes') or
+                  config_schema.data_module(config).get_dataset_info(config).num_classes)
+  if model.num_classes != data_classes:
+    raise config_schema.ConfigError(
+        f'{checkpoint} has a {model.num_classes}-class head but {config.dataset} has '
         f'{data_classes} classes: evaluate a checkpoint on the label set it was '
         f'trained on (fine-tune it first with python -m vit_jax.main).')
-  mesh = sharding.make_mesh(config.get('mesh'))
-  eval_step = jax.jit(train.make_eval_step(bundle.model))
-  metrics = train.evaluate_split(eval_step, bundle.params, bundle.batch_stats, config,
-                                 sharding.batch_sharding(mesh))
+  metrics = evaluators.ClassificationEvaluator('test', config, model.module)(model.variables)
   if not all(math.isfinite(v) for v in metrics.values()):
-    raise predict.PredictError(
+    raise ValueError(
         f'{checkpoint} gives non-finite metrics {metrics} on {config.dataset}: '
         'not reported. Is the checkpoint from a diverged run?')
   return metrics
@@ -77,10 +72,9 @@ def main(argv) -> None:
   if _CONFIG.value is None or _CHECKPOINT.value is None:
     raise app.UsageError('Both --config and --checkpoint are required.')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from vit_jax import predict  # pylint: disable=g-import-not-at-top
   try:
     metrics = evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _DTYPE.value)
-  except (ValueError, predict.PredictError) as e:
+  except ValueError as e:
     print(f'ERROR ({type(e).__name__}): {e}', file=sys.stderr)
     sys.exit(1)
   if _JSON.value:

@@ -28,7 +28,6 @@ pretrained_cfg_overlay=dict(file='model.npz'))``, see the README).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -36,101 +35,10 @@ from typing import Any
 
 import numpy as np
 
-# Subtrees of the training state that belong in the exported files.
-EXPORTED_KEYS = ('params', 'batch_stats', 'polyak')
-
+from vit_jax.workdir import Workdir, WorkdirError
 
 class ExportError(ValueError):
   """The checkpoint cannot be exported, and why."""
-
-
-def checkpoint_dir(workdir: str) -> str:
-  """``workdir/checkpoints`` (or ``workdir`` itself when it is the orbax directory)."""
-  for d in (os.path.join(workdir, 'checkpoints'), workdir):
-    if os.path.isdir(d) and _steps(d):
-      return d
-  raise ExportError(
-      f'No orbax checkpoints under {workdir} (expected {workdir}/checkpoints/<step>/). '
-      f'Is this a training workdir, and has training reached a checkpoint_every step?')
-
-
-def _manager(directory: str):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return ocp.CheckpointManager(os.path.abspath(directory),
-                               options=ocp.CheckpointManagerOptions(read_only=True))
-
-
-def _steps(directory: str) -> list[int]:
-  try:
-    return sorted(_manager(directory).all_steps())
-  except (OSError, ValueError):
-    return []
-
-
-def list_steps(workdir: str) -> list[int]:
-  """Steps with a complete checkpoint, ascending."""
-  return _steps(checkpoint_dir(workdir))
-
-
-def _step_dir(directory: str, step: int) -> str:
-  """The directory of one step (orbax names it ``<step>`` unless a prefix was set)."""
-  candidates = [d for d in os.listdir(directory)
-                if os.path.isdir(os.path.join(directory, d)) and
-                (d == str(step) or d.rsplit('_', 1)[-1].lstrip('0') == str(step).lstrip('0'))]
-  if len(candidates) != 1:
-    raise ExportError(f'Cannot find the directory of step {step} in {directory} '
-                      f'(candidates: {candidates}).')
-  return os.path.join(directory, candidates[0])
-
-
-def _tree_metadata(item_dir: str) -> Any:
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  md = ocp.PyTreeCheckpointer().metadata(item_dir)
-  md = getattr(md, 'item_metadata', md)
-  return getattr(md, 'tree', md)
-
-
-def restore_variables(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
-  """(step, {'params': ..., ['batch_stats': ...]}) as host numpy arrays.
-
-  ``step=None`` takes the latest. Only the exported subtrees are read from
-  disk (orbax partial restore); the optimizer state is never loaded.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
-  directory = checkpoint_dir(workdir)
-  steps = _steps(directory)
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise ExportError(f'No checkpoint for step {step} in {directory}; available steps: {steps}.')
-  step_dir = _step_dir(directory, step)
-  from vit_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-  _, problem = workdir_lib.check_digest(directory, step)
-  if problem:
-    raise ExportError(f'Checkpoint step {step} in {directory} is damaged: {problem}. '
-                      f'Export another step (available: {steps}).')
-  # The state may be the manager's single item ('default') or one item of a
-  # composite checkpoint: take the item whose tree holds 'params'.
-  for item in sorted(os.listdir(step_dir)):
-    item_dir = os.path.join(step_dir, item)
-    if not os.path.isdir(item_dir):
-      continue
-    try:
-      tree = _tree_metadata(item_dir)
-    except (OSError, ValueError, FileNotFoundError):
-      continue
-    if not isinstance(tree, dict) or 'params' not in tree:
-      continue
-    wanted = {k: tree[k] for k in EXPORTED_KEYS if tree.get(k)}
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-    restored = ocp.PyTreeCheckpointer().restore(
-        item_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
-                                              partial_restore=True))
-    return step, jax.tree.map(np.asarray, dict(restored))
-  raise ExportError(f'No item with a `params` subtree in {step_dir}; this is not a vit_jax '
-                    f'training checkpoint.')
 
 
 def raw_path(path: str) -> str:
@@ -168,7 +76,11 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[int, str]:
   """
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax.models import mpp  # pylint: disable=g-import-not-at-top
-  step, variables = restore_variables(workdir, step)
+  wd = Workdir(workdir)
+  try:
+    step, variables = wd.restore(step)
+  except WorkdirError as e:
+    raise ExportError(str(e)) from None
   write(out, variables['params'], variables.get('polyak'), variables.get('batch_stats'))
   back = checkpoint.load_variables(out)
   written = {'params': mpp.export_params(variables.get('polyak') or variables['params'])}
@@ -181,26 +93,21 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[int, str]:
     if bad or set(got) != set(want):
       raise ExportError(f'{out} does not load back identically ({name}: {bad[:5]}...).')
   # The sidecar: fine-tuning and predict take the architecture from it.
-  if os.path.isfile(os.path.join(workdir, 'config.json')):
-    from vit_jax import predict  # pylint: disable=g-import-not-at-top
-    checkpoint.write_sidecar(out, predict.model_config_from_training(
-        predict.read_workdir_config(workdir)))
+  if wd.is_run():
+    import ml_collections  # pylint: disable=g-import-not-at-top
+
+    from vit_jax import config_schema  # pylint: disable=g-import-not-at-top
+    checkpoint.write_sidecar(out, config_schema.model_config(
+        ml_collections.ConfigDict(wd.config())))
   return step, out
 
 
 def default_out(workdir: str, step: int | None = None) -> str:
   """``workdir/<model_name>.npz`` (where predict/analysis look), or
-  ``workdir/<model_name>_step<N>.npz`` for a step other than the latest, so
-  that exporting an old step never overwrites training's final export."""
-  name = 'model'
-  try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      config = json.load(f)
-    # As in training: config.model.model_name overrides the preset's name.
-    name = (config.get('model') or {}).get('model_name') or config.get('model_name') or name
-  except (OSError, ValueError):
-    pass
-  return os.path.join(workdir, f'{name}.npz' if step is None else f'{name}_step{step}.npz')
+  ``workdir/<model_name>_step<N>.npz`` for a step other than the latest
+  (`Workdir.export_path`)."""
+  wd = Workdir(workdir)
+  return wd.export_path(step, None if wd.is_run() else 'model')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -216,10 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.set_verbosity(logging.ERROR)  # orbax warns about read-only mode at INFO/WARNING
   try:
     if args.list:
-      print(' '.join(map(str, list_steps(args.workdir))))
+      print(' '.join(map(str, Workdir(args.workdir).steps())))
       return 0
     step = args.step
-    if step is not None and step == list_steps(args.workdir)[-1]:
+    if step is not None and step == Workdir(args.workdir).steps()[-1]:
       step = None  # the latest step goes where predict looks
     out = args.out or default_out(args.workdir, step)
     step, out = export(args.workdir, out, args.step)

@@ -123,8 +123,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str,
     train_fn = train.run
   if dev_fraction is None:
     if num_train is None:
-      from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-      num_train = input_pipeline.get_dataset_info(config).num_train
+      from vit_jax import config_schema  # pylint: disable=g-import-not-at-top
+      num_train = config_schema.data_module(config).get_dataset_info(config).num_train
     dev_fraction = default_dev_fraction(num_train)
   train_part, dev_part = dev_splits(config.train_split, dev_fraction)
 

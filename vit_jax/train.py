@@ -38,26 +38,24 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
 from vit_jax import checkpoint as ckpt_lib
+from vit_jax import config_schema, evaluators, hub
 from vit_jax import export as export_lib
 from vit_jax import models, optim, sharding
+from vit_jax import train_step as train_step_lib
 from vit_jax import workdir as workdir_lib
+from vit_jax.config_schema import ConfigError, model_config, pretrained_path, validate_config
 
 PyTree = Any
-
-
-class ConfigError(ValueError):
-  """A config value has the wrong type or an impossible value."""
 
 
 @dataclasses.dataclass
@@ -71,195 +69,8 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------
-# Config validation: wrong types fail here, with the key's name, not deep in
-# XLA or tf.data.
+# Data: tf.data from input_pipeline, or `synthetic` (config_schema.data_module).
 # ---------------------------------------------------------------------------
-
-_NUM = (int, float)
-_OPT_STR = (str, type(None))
-_OPT_INT = (int, type(None))
-_SCHEMA: dict[str, tuple[type, ...]] = {
-    'model_name': _OPT_STR,
-    'pretrained_path': _OPT_STR,
-    'dataset': (str,),
-    'train_split': (str,),
-    'test_split': (str,),
-    'num_classes': _OPT_INT,
-    'image_size': (int,),
-    'seed': (int,),
-    'batch_size': (int,),
-    'batch_size_eval': _OPT_INT,
-    'total_steps': (int,),
-    'accum_steps': (int,),
-    'label_smoothing': _NUM,
-    'mpp': (ml_collections.ConfigDict, dict, type(None)),
-    'polyak_decay': _NUM + (type(None),),
-    'eval_every': _OPT_INT,
-    'checkpoint_every': _OPT_INT,
-    'keep_checkpoints': _OPT_INT,
-    'log_every': (int,),
-    'lr.base': _NUM,
-    'lr.warmup_steps': _NUM,
-    'lr.decay_type': (str,),
-    'lr.linear_end': _NUM,
-    'optim.name': (str,),
-    'optim.momentum': _NUM + (type(None),),
-    'optim.momentum_dtype': (str,),
-    'optim.weight_decay': _NUM + (type(None),),
-    'optim.grad_clip_norm': _NUM + (type(None),),
-    'dtype': (str,),
-    'resume_changed': (bool,),
-}
-_REQUIRED = ('dataset', 'train_split', 'test_split', 'image_size',
-             'batch_size', 'total_steps', 'lr.base')
-
-
-def _lookup(config: Any, dotted: str) -> tuple[bool, Any]:
-  node = config
-  for part in dotted.split('.'):
-    if not hasattr(node, 'get') or part not in node:
-      return False, None
-    node = node[part]
-  return True, node
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the key when a value has the wrong type."""
-  for key in _REQUIRED:
-    if not _lookup(config, key)[0]:
-      raise ConfigError(f'config.{key} is required but missing.')
-  for key, types in _SCHEMA.items():
-    present, value = _lookup(config, key)
-    if not present:
-      continue
-    # bool is an int subclass; a True batch size is a mistake, not a 1.
-    if isinstance(value, bool) != (bool in types) or not isinstance(value, types):
-      names = ' or '.join('None' if t is type(None) else t.__name__
-                          for t in types)
-      raise ConfigError(f'config.{key} must be {names}, got '
-                        f'{type(value).__name__} {value!r}.')
-  baseline = config.get('scratch_baseline')
-  if baseline is not None:
-    if not isinstance(baseline, (ml_collections.ConfigDict, dict)):
-      raise ConfigError('config.scratch_baseline must be None or a ConfigDict '
-                        f'of overrides, got {type(baseline).__name__} {baseline!r}.')
-    if not pretrained_path(config):
-      raise ConfigError('config.scratch_baseline compares fine-tuning with '
-                        'training from scratch: set config.pretrained_path.')
-  if not config.get('model_name') and not config.get('model'):
-    raise ConfigError('Set config.model_name (a preset, e.g. "ViT-B_16") '
-                      'and/or config.model (a model config).')
-  name = config.get('model_name')
-  if name and name not in models.MODEL_CONFIGS:
-    raise ConfigError(f'config.model_name={name!r} is not a preset; known: '
-                      f'{", ".join(sorted(models.MODEL_CONFIGS))}.')
-  for key in ('batch_size', 'total_steps', 'image_size', 'log_every'):
-    if key in config and config[key] <= 0:
-      raise ConfigError(f'config.{key} must be > 0, got {config[key]}.')
-  decay = config.get('polyak_decay')
-  if decay is not None and not 0 <= decay < 1:
-    raise ConfigError(f'config.polyak_decay must be in [0, 1) (e.g. 0.9999) or None '
-                      f'for no averaging, got {decay}.')
-  accum = config.get('accum_steps', 1) or 1
-  if accum < 1 or config.batch_size % accum:
-    raise ConfigError(f'config.batch_size={config.batch_size} must be a '
-                      f'multiple of config.accum_steps={accum}.')
-  if config.get('dtype', 'auto') not in models.DTYPES:
-    raise ConfigError(f'config.dtype must be one of {models.DTYPES}, got '
-                      f'{config.dtype!r}.')
-  lr = config.lr.base
-  if not (math.isfinite(lr) and lr > 0):
-    raise ConfigError(f'config.lr.base must be a finite number > 0, got {lr} '
-                      '(a negative lr climbs the loss instead of descending it).')
-  _check_image_fits_patches(config)
-
-
-def _check_image_fits_patches(config: ml_collections.ConfigDict) -> None:
-  """image_size must be a whole number of patches: none silently dropped."""
-  mc = model_config(config)
-  if mc.get('model_type', 'vit') != 'vit' or not mc.get('patches'):
-    return
-  ph, pw = tuple(mc.patches.size)
-  resnet = mc.get('resnet')
-  # Hybrid: the patches are cut from the ResNet feature map (root conv /2,
-  # max-pool /2, each later stage /2).
-  stride = 4 * 2 ** (len(tuple(resnet.num_layers)) - 1) if resnet else 1
-  size = config.image_size
-  if size % (ph * stride) or size % (pw * stride):
-    cell = f'{ph * stride}x{pw * stride}'
-    near = sorted({size // (ph * stride) * ph * stride,
-                   -(-size // (ph * stride)) * ph * stride} - {0})
-    raise ConfigError(
-        f'config.image_size={size} is not a whole number of {cell} patches: '
-        f'the last {size % (ph * stride)} pixel rows and columns would be '
-        f'dropped. Use image_size {" or ".join(map(str, near))}.')
-
-
-def _check_batch_fits_devices(config: ml_collections.ConfigDict,
-                              num_devices: int) -> None:
-  accum = config.get('accum_steps', 1) or 1
-  per_step = config.batch_size // accum
-  if per_step % num_devices:
-    raise ConfigError(
-        f'config.batch_size / config.accum_steps = {config.batch_size} / '
-        f'{accum} = {per_step} examples per micro-batch, not divisible by the '
-        f'{num_devices} devices. Change batch_size or accum_steps.')
-  eval_bs = config.get('batch_size_eval') or config.batch_size
-  if eval_bs % num_devices:
-    raise ConfigError(f'config.batch_size_eval={eval_bs} is not divisible by '
-                      f'the {num_devices} devices.')
-
-
-# ---------------------------------------------------------------------------
-# Model.
-# ---------------------------------------------------------------------------
-
-def _merge(base: dict, over: Mapping) -> dict:
-  out = dict(base)
-  for k, v in over.items():
-    if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-      out[k] = _merge(dict(out[k]), v)
-    else:
-      out[k] = v
-  return out
-
-
-def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The preset `config.model_name` with `config.model` merged over it."""
-  base = (models.get_config(config.model_name).to_dict()
-          if config.get('model_name') else {})
-  over = config.get('model') or {}
-  if isinstance(over, ml_collections.ConfigDict):
-    over = over.to_dict()
-  merged = _merge(base, over)
-  merged.setdefault('model_name', config.get('model_name') or 'model')
-  return ml_collections.ConfigDict(merged)
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  """(module, model config); computes in `config.dtype` (models.resolve_dtype)."""
-  mc = model_config(config)
-  return models.get_model(mc, num_classes=num_classes,
-                          dtype=config.get('dtype', 'auto')), mc
-
-
-# ---------------------------------------------------------------------------
-# Data: tf.data from input_pipeline, or `synthetic` (no TensorFlow at all).
-# ---------------------------------------------------------------------------
-
-def data_module(config: ml_collections.ConfigDict):
-  """The module that serves config.dataset: `synthetic` or `input_pipeline`.
-
-  Both offer checked_config, get_dataset_info, make_train_iter, make_eval_iter,
-  to_global.
-  """
-  # pylint: disable=g-import-not-at-top
-  if config.dataset == 'synthetic':
-    from vit_jax import synthetic
-    return synthetic
-  from vit_jax import input_pipeline  # TensorFlow comes in here.
-  return input_pipeline
-
 
 def device_prefetch(batches, size: int = 2):
   """Keeps `size` batches on the devices ahead of the step that uses them.
@@ -358,110 +169,6 @@ def _fill_none(node: ml_collections.ConfigDict, values: Mapping,
 # Steps. Pure functions of (state, batch); `run` jits them with shardings.
 # ---------------------------------------------------------------------------
 
-def make_train_step(model, tx: optax.GradientTransformation,
-                    schedule: Callable, config: ml_collections.ConfigDict,
-                    teacher: Any = None, objective: Any = None) -> Callable:
-  """Returns train_step(state, batch, rng, teacher_vars) -> (state, metrics).
-
-  `teacher` is the frozen teacher module (or None); its variables come in as
-  the `teacher_vars` argument, so they are not baked into the executable.
-
-  Dropout rng: fold_in(rng, step), then fold_in(., micro-batch index) inside
-  `optim.accumulate_gradients`, so resumed runs and any accum_steps draw
-  reproducible masks. With `teacher` (DeiT hard-label distillation) the model
-  returns (B, 2, C) logits at train time and the loss is
-  0.5 * CE(cls, y) + 0.5 * CE(dist, argmax teacher(x)). An `objective`
-  (objective_from_config) replaces the classification loss.
-  """
-  accum = int(config.get('accum_steps', 1) or 1)
-  smoothing = float(config.get('label_smoothing', 0.0) or 0.0)
-  polyak_decay = config.get('polyak_decay')
-
-  def train_step(state, batch, rng, teacher_vars=None):
-    def loss_fn(params, batch, rng, batch_stats):
-      variables = {'params': params}
-      if objective is not None:
-        return jnp.mean(objective.loss(model, variables, batch, rng)), batch_stats
-      kwargs = {'train': True, 'rngs': {'dropout': rng}}
-      if batch_stats is not None:
-        variables['batch_stats'] = batch_stats
-        logits, new_vars = model.apply(variables, batch['image'],
-                                       mutable=['batch_stats'], **kwargs)
-        batch_stats = new_vars['batch_stats']
-      else:
-        logits = model.apply(variables, batch['image'], **kwargs)
-      if teacher is not None:
-        # DeiT hard-label distillation (Touvron et al.; RPT report, Table 1).
-        t_logits = jax.lax.stop_gradient(
-            teacher.apply(teacher_vars, batch['image'], train=False))
-        t_labels = jnp.argmax(t_logits, axis=-1)
-        loss = 0.5 * optim.cross_entropy(logits[:, 0], batch['label'],
-                                         smoothing)
-        loss += 0.5 * optim.cross_entropy(logits[:, 1], t_labels, smoothing)
-      else:
-        loss = optim.cross_entropy(logits, batch['label'], smoothing)
-      return jnp.mean(loss), batch_stats
-
-    step = state['step']
-    loss, batch_stats, grads = optim.accumulate_gradients(
-        loss_fn, state['params'], batch, jax.random.fold_in(rng, step),
-        accum, state.get('batch_stats'))
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    new_state = dict(state, step=step + 1,
-                     params=optax.apply_updates(state['params'], updates),
-                     opt_state=opt_state)
-    if batch_stats is not None:
-      new_state['batch_stats'] = batch_stats
-    if polyak_decay is not None:
-      new_state['polyak'] = optim.polyak_update(state['polyak'], new_state['params'],
-                                                polyak_decay)
-    metrics = {'train_loss': loss, 'grad_norm': optax.global_norm(grads),
-               'lr': schedule(step)}
-    return new_state, metrics
-
-  return train_step
-
-
-def make_eval_step(model, objective: Any = None) -> Callable:
-  """eval_step(params, batch_stats, batch) -> masked sums of correct, loss.
-
-  With an `objective`, its own accuracy and loss (e.g. masked patch
-  prediction's) instead of the labels'.
-  """
-  def eval_step(params, batch_stats, batch):
-    variables = {'params': params}
-    if batch_stats is not None:
-      variables['batch_stats'] = batch_stats
-    if objective is not None:
-      return objective.eval_sums(model, variables, batch)
-    logits = model.apply(variables, batch['image'], train=False)
-    mask = batch['mask']
-    loss = optim.cross_entropy(logits, batch['label'])
-    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-    return {'correct': jnp.sum(correct * mask), 'loss': jnp.sum(loss * mask),
-            'count': jnp.sum(mask)}
-  return eval_step
-
-
-def evaluate_split(eval_step: Callable, params: Any, batch_stats: Any,
-                   config: ml_collections.ConfigDict, batch_sh: Any,
-                   split: str | None = None) -> dict[str, float]:
-  """Accuracy and loss over every example of `split` (default test_split).
-
-  One pass of input_pipeline.make_eval_iter (padded last batch, masked), so
-  the count is exact; used by the training loop and by vit_jax.evaluate.
-  """
-  data = data_module(config)
-  sums = None
-  for batch in data.make_eval_iter(config, split):
-    out = eval_step(params, batch_stats, data.to_global(batch, batch_sh))
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  sums = {k: float(v) for k, v in sharding.to_host(sums).items()}
-  return {'accuracy_test': sums['correct'] / sums['count'],
-          'loss_test': sums['loss'] / sums['count'],
-          'num_test_examples': sums['count']}
-
-
 # ---------------------------------------------------------------------------
 # Helpers of the loop.
 # ---------------------------------------------------------------------------
@@ -488,12 +195,6 @@ def check_remote_reachable(path: str, timeout: float = 10.0) -> None:
         f'file.\n{ckpt_lib.DOWNLOAD_HINT}')
 
 
-def pretrained_path(config: ml_collections.ConfigDict) -> str | None:
-  """config.pretrained_path; None, '' and 'None' (from a flag) mean scratch."""
-  path = config.get('pretrained_path')
-  return None if path in (None, '', 'None', 'none') else path
-
-
 def check_pretrained_available(config: ml_collections.ConfigDict) -> None:
   """Fails before any data or model work when the checkpoint is missing.
 
@@ -511,32 +212,6 @@ def check_pretrained_available(config: ml_collections.ConfigDict) -> None:
     raise ckpt_lib.CheckpointError(
         f'Pre-trained checkpoint not found: {path}\n{ckpt_lib.DOWNLOAD_HINT}'
         f'\nTo train from scratch instead, set --config.pretrained_path=None.')
-
-
-def load_teacher(config: ml_collections.ConfigDict, num_classes: int):
-  """(module, variables) of the frozen DeiT teacher, or None."""
-  distill = config.get('distill')
-  if not distill:
-    return None
-  teacher = models.get_model(distill.teacher_model, num_classes=num_classes)
-  path = distill.teacher_checkpoint
-  check_remote_reachable(path)
-  variables = ckpt_lib.load_variables(path)
-  size = config.image_size
-  expected = jax.eval_shape(lambda: teacher.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))
-  want = ckpt_lib.flatten({k: v for k, v in expected.items()
-                           if k in ('params', 'batch_stats')})
-  got = ckpt_lib.flatten(variables)
-  bad = sorted(k for k in set(want) | set(got)
-               if k not in want or k not in got
-               or tuple(want[k].shape) != tuple(np.shape(got[k])))
-  if bad:
-    raise ckpt_lib.CheckpointError(
-        f'Teacher checkpoint {path} does not fit config.distill.teacher_model='
-        f'{distill.teacher_model!r}: {len(bad)} keys missing or of another '
-        f'shape, e.g. {", ".join(bad[:5])}.')
-  return teacher, variables
 
 
 def _put(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -742,20 +417,19 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   # imports, so only after the quick checks.
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  data = data_module(config)
+  data = config_schema.data_module(config)
   # Every image decoded once, before compiling: all bad files in one message.
   config = data.checked_config(config, workdir)
   is_main = jax.process_index() == 0
   total_steps = config.total_steps
   log_every = config.get('log_every', 10) or 10
-  eval_every = config.get('eval_every') or 0
   ckpt_every = config.get('checkpoint_every') or 0
   writer = MetricLog(_metric_writer(workdir, is_main),
                      os.path.join(workdir, 'metrics.jsonl') if is_main else None)
 
   # ========================= Mesh =========================
   mesh = sharding.make_mesh(config.get('mesh'))
-  _check_batch_fits_devices(config, mesh.size)
+  config_schema.check_batch_fits_devices(config, mesh.size)
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
   logging.info('Mesh %s over %d devices in %d process(es).', dict(mesh.shape),
@@ -764,9 +438,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   # ========================= Data =========================
   info = data.get_dataset_info(config)
   num_classes = config.get('num_classes') or info.num_classes
+  wd = workdir_lib.Workdir(workdir)
+  wd.write_labels(info.class_names)
   if is_main:
-    with open(os.path.join(workdir, 'labels.txt'), 'w') as f:
-      f.write(''.join(f'{name}\n' for name in info.class_names))
     if info.held_out_test_files:
       with open(os.path.join(workdir, 'test_files.txt'), 'w') as f:
         f.write(''.join(f'{p}\n' for p in info.held_out_test_files))
@@ -782,8 +456,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
 
   # ========================= Model =========================
   objective = objective_from_config(config)  # None: classification.
-  model, mc = build_model(config, objective.num_outputs if objective else num_classes)
-  teacher = load_teacher(config, num_classes)
+  mc = model_config(config)
+  model = models.get_model(mc, num_classes=objective.num_outputs if objective else num_classes,
+                           dtype=config.get('dtype', 'auto'))
+  teacher = hub.load_teacher(config, num_classes)
   write_run_info(workdir, model)
 
   # ========================= Optimizer =========================
@@ -815,7 +491,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   state_sh = sharding.state_shardings(
       abstract, mesh, rules, (config.get('mesh') or {}).get('min_size', 2 ** 12))
 
-  ckpt_dir = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  ckpt_dir = wd.checkpoints_dir
   def make_manager():
     return ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
         max_to_keep=config.get('keep_checkpoints', 3) or None,
@@ -837,8 +513,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     if pretrained_path(config):
       # Paper App. B.1.1: new zero-init head, posemb resized to the new grid.
       path = pretrained_path(config)
-      params = ckpt_lib.load_pretrained(
-          path, sharding.to_host(state['params']), mc)
+      params = hub.load_pretrained(path, sharding.to_host(state['params']), mc)
       state['params'] = _put(params, state_sh['params'])
       if 'polyak' in state:
         state['polyak'] = _put(params, state_sh['polyak'])
@@ -857,27 +532,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
     teacher_sh = jax.tree.map(lambda _: repl, teacher[1])
     teacher_vars = _put(teacher[1], teacher_sh)
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, config, teacher_module, objective),
+      train_step_lib.make_train_step(model, tx, schedule, config, teacher_module, objective),
       in_shardings=(state_sh, batch_sh, repl, teacher_sh),
       out_shardings=(state_sh, repl), donate_argnums=(0,))
-  eval_step = jax.jit(
-      make_eval_step(model, objective),
-      in_shardings=(state_sh['params'], state_sh.get('batch_stats'), batch_sh),
-      out_shardings=repl)
-
-  def evaluate(state) -> dict[str, float]:
-    ev = evaluate_split(eval_step, state['params'], state.get('batch_stats'),
-                        config, batch_sh)
-    if 'polyak' in state:
-      ev.update(polyak_metrics(evaluate_split(
-          eval_step, state['polyak'], state.get('batch_stats'), config, batch_sh)))
-    return ev
-
-  fewshot_cfg = (config.get('evals') or {}).get('fewshot')
-  fewshot = None
-  if fewshot_cfg:
-    from vit_jax import fewshot as fewshot_lib  # pylint: disable=g-import-not-at-top
-    fewshot = fewshot_lib.FewShotEvaluator(fewshot_cfg, model)
+  evals = evaluators.from_config(config, model, objective=objective,
+                                 state_sh=state_sh, batch_sh=batch_sh)
 
   # ========================= Loop =========================
   history: list[dict[str, float]] = []
@@ -927,7 +586,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                  'grad_norm': means['grad_norm'],
                  # The lr this step's update used (the original logged the
                  # previous step's).
-                 'lr': float(metrics_lr(schedule, step))}
+                 'lr': optim.lr_at(schedule, step)}
       if math.isfinite(rate):
         scalars['img_sec_core_train'] = rate * batch_size / mesh.size
       writer.write_scalars(step, scalars)
@@ -944,26 +603,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                    _fmt_time(eta) + (f' (with the {steps_after} steps of the scratch '
                                      'baseline)' if steps_after else ''))
 
-    do_eval = eval_every and step % eval_every == 0 and step != total_steps
-    fewshot_every = fewshot_cfg.get('every', 0) if fewshot is not None else 0
-    do_fewshot = (fewshot_every and step % fewshot_every == 0
-                  and step != total_steps)
+    due = [e for e in evals if e.every and step % e.every == 0 and step != total_steps]
     do_ckpt = (ckpt_every and step % ckpt_every == 0) or step == total_steps
-    if do_eval or do_ckpt or do_fewshot:
+    if due or do_ckpt:
       jax.block_until_ready(state['step'])
       meter.pause()
       flush(step)  # Never checkpoint a diverged state.
-      if do_eval:
-        ev = evaluate(state)
-        writer.write_scalars(step, {k: v for k, v in ev.items()
-                                    if k.startswith(('accuracy_test', 'loss_test'))})
-        logging.info('step %d | accuracy_test %.4f | loss_test %.4f', step,
-                     ev['accuracy_test'], ev['loss_test'])
-      if do_fewshot:
-        shots = fewshot.run(state['params'])
-        writer.write_scalars(step, shots)
-        logging.info('step %d | %s', step,
-                     ' | '.join(f'{k} {v:.4f}' for k, v in shots.items()))
+      for evaluator in due:
+        ev = evaluator(state)
+        writer.write_scalars(step, {k: v for k, v in ev.items() if not k.startswith('num_')})
+        logging.info('step %d | %s', step, ' | '.join(
+            f'{k} {v:.4f}' for k, v in ev.items() if not k.startswith('num_')))
       if do_ckpt and guard.suspect and step != total_steps:
         logging.warning('Not checkpointing step %d: train_loss %.4g is above '
                         'the divergence bound %.4g.', step, guard.over[-1][1],
@@ -976,9 +626,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   manager.wait_until_finished()
 
   # ========================= Final eval and export =========================
-  final = evaluate(state)
-  if fewshot is not None:
-    final.update(fewshot.run(state['params']))
+  final = {}
+  for evaluator in evals:
+    final.update(evaluator(state))
   writer.write_scalars(total_steps, final)
   writer.flush()
   logging.info('Final (step %d): %s', total_steps,
@@ -987,7 +637,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   batch_stats = (sharding.to_host(state['batch_stats'])
                  if 'batch_stats' in state else None)
   polyak = sharding.to_host(state['polyak']) if 'polyak' in state else None
-  export_path = os.path.join(workdir, f'{mc.model_name}.npz')
+  export_path = wd.export_path(model_name=mc.model_name)
   if is_main:
     export_lib.write(export_path, params, polyak, batch_stats, model_config=mc)
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
@@ -999,16 +649,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   if history:
     final['train_loss'] = history[-1]['train_loss']
   return TrainResult(final, params, batch_stats, history, polyak)
-
-
-def polyak_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-  """Eval metrics of the Polyak-averaged params, named `<metric>_polyak`."""
-  return {f'{k}_polyak': v for k, v in metrics.items() if k != 'num_test_examples'}
-
-
-def metrics_lr(schedule: Callable, step: int) -> float:
-  """lr used by update number `step` (1-based)."""
-  return optim.lr_at(schedule, step)
 
 
 def scratch_baseline_config(
@@ -1030,11 +670,11 @@ def scratch_baseline_config(
     base.pretrained_path = None
     base.scratch_baseline = None
   for key in _EQUAL_IN_BASELINE:
-    if _lookup(base, key) != _lookup(config, key):
+    if config_schema.lookup(base, key) != config_schema.lookup(config, key):
       raise ConfigError(
           f'config.scratch_baseline must not change {key}: the comparison is '
-          f'at equal steps, data and resolution ({_lookup(config, key)[1]!r} '
-          f'vs {_lookup(base, key)[1]!r}).')
+          f'at equal steps, data and resolution ({config_schema.lookup(config, key)[1]!r} '
+          f'vs {config_schema.lookup(base, key)[1]!r}).')
   return base
 
 

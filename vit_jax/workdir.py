@@ -15,7 +15,8 @@ What this module owns in `<workdir>/`:
   damaged_checkpoints/       steps that failed verification on resume, moved
                              aside (never deleted) with a note of why
 
-Called from the training loop in a few lines; nothing here imports it.
+Called from the training loop in a few lines; nothing here imports it. The
+`Workdir` type at the end describes the layout for everyone who reads it.
 """
 
 from __future__ import annotations
@@ -482,3 +483,180 @@ def remove_stale_exports(workdir: str) -> list[str]:
     logging.warning('Removed temporary files of an interrupted run from %s: %s.',
                     workdir, ', '.join(removed))
   return removed
+
+
+# ---------------------------------------------------------------------------
+# The layout, as readers see it.
+# ---------------------------------------------------------------------------
+
+CONFIG_NAME = 'config.json'
+LABELS_NAME = 'labels.txt'
+CHECKPOINTS_DIR = 'checkpoints'
+# Subtrees of the training state that exports and readers take.
+EXPORTED_KEYS = ('params', 'batch_stats', 'polyak')
+
+
+class Workdir:
+  """The files a training run writes, by name: the one description of the layout.
+
+    config.json          the resolved config (`config()`)
+    labels.txt           class names in label order (`labels()`)
+    checkpoints/<step>/  orbax steps of the train state (`steps()`, `restore()`)
+    <model_name>.npz     the final export (`export_path()`), official layout,
+                         with its sidecar <model_name>.json
+
+  vit_jax.train writes through it; vit_jax.hub, export and predict read
+  through it.
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+
+  def __repr__(self) -> str:
+    return f'Workdir({self.path!r})'
+
+  def file(self, name: str) -> str:
+    return os.path.join(self.path, name)
+
+  @property
+  def checkpoints_dir(self) -> str:
+    return os.path.join(os.path.abspath(self.path), CHECKPOINTS_DIR)
+
+  def is_run(self) -> bool:
+    """Whether this is a training workdir (it has a config.json)."""
+    return os.path.isfile(self.file(CONFIG_NAME))
+
+  # -- config and labels ----------------------------------------------------
+
+  def config(self) -> dict[str, Any]:
+    """The resolved training config (a dict), or WorkdirError."""
+    try:
+      with open(self.file(CONFIG_NAME)) as f:
+        return json.load(f)
+    except OSError:
+      raise WorkdirError(
+          f'{self.file(CONFIG_NAME)} not found: {self.path} is not a training workdir '
+          '(written by `python -m vit_jax.main --workdir=...`).') from None
+    except ValueError as e:
+      raise WorkdirError(f'{self.file(CONFIG_NAME)} is not valid JSON: {e}.') from None
+
+  def model_name(self) -> str:
+    """The name the export goes under: config.model.model_name, else the preset's."""
+    config = self.config()
+    return ((config.get('model') or {}).get('model_name') or config.get('model_name')
+            or 'model')
+
+  def labels(self) -> list[str] | None:
+    """labels.txt's class names, or None when the run wrote none."""
+    path = self.file(LABELS_NAME)
+    return read_labels(path) if os.path.isfile(path) else None
+
+  def write_labels(self, names: Any) -> None:
+    if _is_main():
+      with open(self.file(LABELS_NAME), 'w') as f:
+        f.write(''.join(f'{name}\n' for name in names))
+
+  # -- exports ----------------------------------------------------------------
+
+  def export_path(self, step: int | None = None, model_name: str | None = None) -> str:
+    """<model_name>.npz (the final export: where readers look), or
+    <model_name>_step<N>.npz for another step, which never overwrites it."""
+    name = model_name or self.model_name()
+    return self.file(f'{name}.npz' if step is None else f'{name}_step{step}.npz')
+
+  # -- orbax steps --------------------------------------------------------------
+
+  def _ckpt_dir(self) -> str:
+    """checkpoints/ (or the path itself when it is the orbax directory)."""
+    for d in (self.checkpoints_dir, os.path.abspath(self.path)):
+      if os.path.isdir(d) and _orbax_steps(d):
+        return d
+    raise WorkdirError(
+        f'No orbax checkpoints under {self.path} (expected {self.path}/checkpoints/<step>/). '
+        'Is this a training workdir, and has training reached a checkpoint_every step?')
+
+  def steps(self) -> list[int]:
+    """Steps with a complete checkpoint, ascending."""
+    return _orbax_steps(self._ckpt_dir())
+
+  def restore(self, step: int | None = None) -> tuple[int, dict[str, Any]]:
+    """(step, {'params', ['batch_stats'], ['polyak']}) as host numpy arrays.
+
+    `step=None` takes the latest. Only those subtrees are read from disk
+    (orbax partial restore): no optimizer state, model code or device mesh,
+    so a checkpoint written on 8 GPUs restores on a laptop. A step whose
+    digest does not verify is refused.
+    """
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+    directory = self._ckpt_dir()
+    steps = _orbax_steps(directory)
+    if step is None:
+      step = steps[-1]
+    elif step not in steps:
+      raise WorkdirError(f'No checkpoint for step {step} in {directory}; available steps: '
+                         f'{steps}.')
+    _, problem = check_digest(directory, step)
+    if problem:
+      raise WorkdirError(f'Checkpoint step {step} in {directory} is damaged: {problem}. '
+                         f'Use another step (available: {steps}).')
+    step_dir = _step_dir(directory, step)
+    # The state may be the manager's single item ('default') or one item of a
+    # composite checkpoint: take the item whose tree holds 'params'.
+    for item in sorted(os.listdir(step_dir)):
+      item_dir = os.path.join(step_dir, item)
+      if not os.path.isdir(item_dir):
+        continue
+      try:
+        md = ocp.PyTreeCheckpointer().metadata(item_dir)
+      except (OSError, ValueError):
+        continue
+      md = getattr(md, 'item_metadata', md)
+      tree = getattr(md, 'tree', md)
+      if not isinstance(tree, dict) or 'params' not in tree:
+        continue
+      wanted = {k: tree[k] for k in EXPORTED_KEYS if tree.get(k)}
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+      restored = ocp.PyTreeCheckpointer().restore(
+          item_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                partial_restore=True))
+      return step, jax.tree.map(np.asarray, dict(restored))
+    raise WorkdirError(f'No item with a `params` subtree in {step_dir}; this is not a '
+                       'vit_jax training checkpoint.')
+
+
+def read_labels(path: str) -> list[str]:
+  """One class name per line, in label order (blank trailing lines ignored)."""
+  try:
+    with open(path) as f:
+      lines = f.read().splitlines()
+  except OSError as e:
+    raise WorkdirError(f'Cannot read label file {path!r}: {e}.') from None
+  while lines and not lines[-1].strip():
+    lines.pop()
+  if not lines:
+    raise WorkdirError(f'Label file {path!r} is empty; it needs one class name per line.')
+  return [line.strip() for line in lines]
+
+
+def _orbax_steps(directory: str) -> list[int]:
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    manager = ocp.CheckpointManager(os.path.abspath(directory),
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    return sorted(manager.all_steps())
+  except (OSError, ValueError):
+    return []
+
+
+def _step_dir(directory: str, step: int) -> str:
+  """The directory of one step (orbax names it `<step>` unless a prefix was set)."""
+  candidates = [d for d in os.listdir(directory)
+                if os.path.isdir(os.path.join(directory, d)) and
+                (d == str(step) or d.rsplit('_', 1)[-1].lstrip('0') == str(step).lstrip('0'))]
+  if len(candidates) != 1:
+    raise WorkdirError(f'Cannot find the directory of step {step} in {directory} '
+                       f'(candidates: {candidates}).')
+  return os.path.join(directory, candidates[0])

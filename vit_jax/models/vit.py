@@ -49,6 +49,27 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
+# Tokens before the patch tokens, per classifier: the class token, and DeiT's
+# distillation token. The one source for every module that counts them.
+PREFIX_TOKENS = {'token': 1, 'token_unpooled': 1, 'distill': 2}
+
+
+def num_prefix_tokens(model_config: Any) -> int:
+  """Class (+ distillation) tokens of a model config, module or classifier name."""
+  classifier = (model_config if isinstance(model_config, str) else
+                _get(model_config, 'classifier', 'token') or 'token')
+  return PREFIX_TOKENS.get(classifier, 0)
+
+
+def token_stride(model_config: Any) -> tuple[int, int]:
+  """Input pixels per patch token, (rows, columns): the patch size times the
+  hybrid ResNet's downsampling (root conv /2, max-pool /2, every later stage /2)."""
+  ph, pw = tuple(_get(_get(model_config, 'patches'), 'size'))
+  resnet = _get(model_config, 'resnet')
+  s = 4 * 2 ** (len(tuple(_get(resnet, 'num_layers'))) - 1) if resnet else 1
+  return ph * s, pw * s
+
+
 def sincos2d(h: int, w: int, dim: int, temperature: float = 10_000.) -> np.ndarray:
   """Fixed 2-D sine-cosine position embedding, shape (h*w, dim) (paper App. D.4)."""
   if dim % 4:
@@ -450,7 +471,7 @@ class VisionTransformer(nn.Module):
       mask = self.param('mask_embedding', nn.initializers.normal(stddev=0.02), (1, 1, c))
       x = mpp.apply_corruption(x, corruption, mask)
 
-    num_prefix = {'token': 1, 'token_unpooled': 1, 'distill': 2}.get(self.classifier, 0)
+    num_prefix = num_prefix_tokens(self.classifier)
     if num_prefix:
       cls = self.param('cls', nn.initializers.zeros, (1, 1, c))
       prefix = [cls]

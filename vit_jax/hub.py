@@ -1,0 +1,295 @@
+"""One place that turns what a user names into a ready model.
+
+  model = hub.load('ViT-B_16')                      # the paper's ImageNet-21k file
+  model = hub.load('imagenet21k+imagenet2012/ViT-B_16')
+  model = hub.load('B_16')                          # AugReg (configs/augreg.py names)
+  model = hub.load('checkpoints/SmallViT_8-tiny_imagenet-32px.npz')
+  model = hub.load('gs://vit_models/imagenet21k/ViT-B_16.npz')   # or https://...
+  model = hub.load('/tmp/quickstart')               # a training workdir: its export,
+  model = hub.load('/tmp/quickstart', step=200)     # or any of its orbax steps
+  logits = model.module.apply(model.variables, images, train=False)
+
+A `Model` is the flax module, its variables, the model config, the class
+names (when known) and the eval preprocessing (resolution, `pp_eval`,
+`crop_fraction`) the model was trained with: predict, evaluate, fewshot,
+analysis, export, benchmark, the notebooks and training (its pre-trained and
+teacher checkpoints) all load through here.
+
+What decides what:
+* Names and URLs become local files through vit_jax.download (cached once).
+* The architecture: `model=` if given (it must fit the file), else the
+  training workdir's config, else the file's sidecar `.json`, else the one
+  preset with the file's parameter tree (`checkpoint.infer_model`).
+* The resolution: `image_size=` if given, else the workdir config's or the
+  sidecar's, else the one the position embeddings were trained at. At any
+  other resolution the position embeddings are resized as for fine-tuning
+  (`checkpoint.fit_position_embeddings`, the one resize).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from vit_jax import checkpoint as ckpt
+from vit_jax import config_schema, models
+from vit_jax.models import vit
+from vit_jax.workdir import Workdir, WorkdirError, read_labels
+
+CROP_FRACTION = 0.875  # pp.crop_fraction's default: the central 87.5% (Inception's).
+
+
+class HubError(ValueError):
+  """What a user named cannot be loaded as a model, and why."""
+
+
+@dataclasses.dataclass
+class Model:
+  """A model ready for inference: module, variables and how to feed it."""
+
+  module: Any  # flax module
+  params: Any
+  model_config: Any  # ml_collections.ConfigDict
+  image_size: tuple[int, int]
+  batch_stats: Any = None  # BatchNorm models (ResNet-56) only
+  pp_eval: str = 'resize'
+  crop_fraction: float = CROP_FRACTION
+  labels: list[str] | None = None
+  source: str = ''  # the file (or workdir step) the params came from
+
+  @property
+  def variables(self) -> dict[str, Any]:
+    out = {'params': self.params}
+    if self.batch_stats is not None:
+      out['batch_stats'] = self.batch_stats
+    return out
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.module.num_classes)
+
+
+# ---------------------------------------------------------------------------
+# Models of a config.
+# ---------------------------------------------------------------------------
+
+def build(config: Any, num_classes: int) -> tuple[Any, Any]:
+  """(module, model config) of a training config, computing in config.dtype."""
+  mc = config_schema.model_config(config)
+  return models.get_model(mc, num_classes=num_classes, dtype=config.get('dtype', 'auto')), mc
+
+
+def init(model: Any, *, num_classes: int, image_size: int, dtype: str = 'auto',
+         seed: int = 0, **overrides: Any) -> Model:
+  """A randomly initialised `Model` of a preset name or model config (benchmarks).
+
+  `overrides` replace model fields (e.g. attention='einsum', remat='full').
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  mc = _model_config(model)
+  module = models.get_model(mc, num_classes=num_classes, dtype=dtype, **overrides)
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(lambda k: module.init(k, x, train=False))(jax.random.key(seed))
+  return Model(module=module, params=variables['params'], model_config=mc,
+               image_size=(image_size, image_size), batch_stats=variables.get('batch_stats'),
+               source='random init')
+
+
+def _model_config(model: Any):
+  """A preset name -> its ConfigDict; a model config -> a ConfigDict copy."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if isinstance(model, str):
+    return models.get_config(model)
+  return ml_collections.ConfigDict(model.to_dict() if hasattr(model, 'to_dict') else model)
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+# ---------------------------------------------------------------------------
+
+def _size2(size: int | Sequence[int]) -> tuple[int, int]:
+  if isinstance(size, (int, np.integer)):
+    return (int(size), int(size))
+  h, w = size
+  return (int(h), int(w))
+
+
+def trained_image_size(params: Any, model_config: Any) -> tuple[int, int] | None:
+  """The resolution a ViT's params were trained at, read off its position embeddings."""
+  try:
+    table = params['Transformer']['posembed_input']
+  except (KeyError, TypeError):
+    return None
+  sh, sw = vit.token_stride(model_config)
+  if 'row_embedding' in table:  # posemb='learn2d': the grid is explicit.
+    return (np.shape(table['row_embedding'])[1] * sh, np.shape(table['col_embedding'])[1] * sw)
+  if 'pos_embedding' not in table:
+    return None
+  n = np.shape(table['pos_embedding'])[1] - vit.num_prefix_tokens(model_config)
+  g = round(np.sqrt(n))
+  return (g * sh, g * sw) if g * g == n else None
+
+
+def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
+         checkpoint: str | None = None, labels: str | Sequence[str] | None = None,
+         image_size: int | Sequence[int] | None = None, dtype: str = 'auto') -> Model:
+  """The `Model` of a preset name, file, URL or training workdir (module docstring).
+
+  model: a preset name or model config; default the workdir's / file's own.
+  step: a workdir's orbax step (default: its export, else its latest step).
+  checkpoint: with a workdir, another .npz to take the params from.
+  labels: a label file or a list of names; default the workdir's labels.txt
+    or the file's `<name>.labels.txt`.
+  image_size: run at this resolution (position embeddings resized).
+  dtype: computation dtype (models.resolve_dtype).
+  """
+  name = os.fspath(name)
+  if not name:
+    raise HubError('Name a model: a training workdir, a .npz file, a gs:// or https:// URL, or an '
+                   f'official name (a preset such as ViT-B_16: {", ".join(sorted(models.MODEL_CONFIGS))}'
+                   '; imagenet21k+imagenet2012/ViT-B_16; an AugReg name such as B_16).')
+  wd = Workdir(name)
+  config: dict[str, Any] = {}
+  try:
+    if wd.is_run():
+      config = wd.config()
+      mc = _model_config(model) if model else config_schema.model_config(_config_dict(config))
+      variables, source = _workdir_variables(wd, mc, step, checkpoint)
+    else:
+      if step is not None:
+        raise HubError(f'step={step} needs a training workdir; {name} is not one '
+                       '(no config.json).')
+      source = ckpt.local_path(checkpoint or name)
+      variables = ckpt.load_variables(source)
+      mc = ckpt.infer_model(source, model)
+  except (OSError, WorkdirError, ckpt.CheckpointError) as e:
+    raise HubError(str(e)) from None
+  params = variables['params']
+  info = ckpt.describe(params)
+  if info.get('num_classes') is None:
+    raise HubError(f'{source} has no classification head (`head/kernel`).')
+  is_vit = mc.get('model_type', 'vit') == 'vit'
+  if is_vit:
+    mc.representation_size = info.get('representation_size')
+
+  pp = config.get('pp') or {}
+  trained = trained_image_size(params, mc) if is_vit else None
+  size = image_size or config.get('image_size') or trained
+  if not size:
+    raise HubError(f'Cannot tell the input resolution of {source}: pass image_size.')
+  size = _size2(size)
+
+  module = models.get_model(mc, num_classes=int(info['num_classes']), dtype=dtype)
+  params = _fit(module, params, size, source, mc)
+  return Model(module=module, params=params, model_config=mc, image_size=size,
+               batch_stats=variables.get('batch_stats'),
+               pp_eval=pp.get('eval') or 'resize',
+               crop_fraction=float(pp.get('crop_fraction') or CROP_FRACTION),
+               labels=_labels(labels, wd if config else None, source, int(info['num_classes'])),
+               source=source)
+
+
+def _config_dict(config: dict[str, Any]):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return ml_collections.ConfigDict(config)
+
+
+def _workdir_variables(wd: Workdir, mc: Any, step: int | None,
+                       checkpoint: str | None) -> tuple[dict[str, Any], str]:
+  """The variables of a workdir: `checkpoint`, else its step, export or latest step."""
+  if checkpoint:
+    path = ckpt.local_path(checkpoint)
+    return ckpt.load_variables(path), path
+  export = wd.export_path(model_name=mc.get('model_name'))
+  if step is None and os.path.isfile(export):
+    return ckpt.load_variables(export), export
+  from vit_jax.models import mpp  # pylint: disable=g-import-not-at-top
+  try:
+    step, state = wd.restore(step)
+  except WorkdirError as e:
+    if step is not None:
+      raise
+    raise HubError(f'No exported model {export} and {e}') from None
+  # The export rule (vit_jax.export.write): the Polyak average when there is one.
+  variables = {'params': mpp.export_params(state.get('polyak') or state['params'])}
+  if 'batch_stats' in state:
+    variables['batch_stats'] = state['batch_stats']
+  return variables, f'{wd.checkpoints_dir}/{step}'
+
+
+def _fit(module: Any, params: Any, size: tuple[int, int], source: str, mc: Any) -> Any:
+  """`params` in the shapes `module` has at `size` (posembs resized), or HubError."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = jax.random.PRNGKey(0)
+  expected = ckpt.flatten(jax.eval_shape(lambda: module.init(
+      {'params': rng, 'dropout': rng}, jnp.zeros((1, *size, 3)), train=False))['params'])
+  grid = None
+  if mc.get('model_type', 'vit') == 'vit':
+    sh, sw = vit.token_stride(mc)
+    if size[0] % sh or size[1] % sw:
+      raise HubError(f'Cannot run {source} at {size[0]}x{size[1]}: the image size must be '
+                     f'a multiple of its {sh}x{sw} patches.')
+    grid = (size[0] // sh, size[1] // sw)
+  flat = ckpt.fit_position_embeddings(ckpt.flatten(params), expected, mc, grid=grid)
+  diff = ckpt.shape_diff(flat, expected)
+  if diff:
+    raise HubError(f'{source} does not fit the model {mc.get("model_name") or ""} at '
+                   f'{size[0]}x{size[1]}: another architecture, or a damaged file?\n'
+                   + '\n'.join(diff))
+  return ckpt.unflatten(flat)
+
+
+def _labels(labels: str | Sequence[str] | None, wd: Workdir | None, source: str,
+            num_classes: int) -> list[str] | None:
+  """Class names: given, the workdir's labels.txt, or `<file>.labels.txt`."""
+  path = labels if isinstance(labels, str) else None
+  try:
+    if labels is None and wd is not None:
+      names = wd.labels()
+    elif labels is None:
+      side = source[:-4] + '.labels.txt' if source.endswith('.npz') else None
+      names = read_labels(side) if side and os.path.isfile(side) else None
+    else:
+      names = read_labels(path) if path else [str(n) for n in labels]
+  except WorkdirError as e:
+    raise HubError(str(e)) from None
+  if names is not None and len(names) != num_classes:
+    raise HubError(f'Label file {path or "labels"} has {len(names)} names but the model has '
+                   f'{num_classes} classes.')
+  return names
+
+
+# ---------------------------------------------------------------------------
+# Training's checkpoints: the pre-trained start and the DeiT teacher.
+# ---------------------------------------------------------------------------
+
+def load_pretrained(path: str, init_params: Any, model_config: Any,
+                    grid: Sequence[int] | None = None) -> dict[str, Any]:
+  """`path` (a name, URL or file) in the shapes of `init_params`: new head,
+  posembs resized (paper App. B.1.1); see `checkpoint.load_pretrained`."""
+  return ckpt.load_pretrained(ckpt.local_path(path), init_params, model_config, grid=grid)
+
+
+def load_teacher(config: Any, num_classes: int) -> tuple[Any, dict[str, Any]] | None:
+  """(module, variables) of config.distill's frozen DeiT teacher, or None."""
+  distill = config.get('distill')
+  if not distill:
+    return None
+  try:
+    teacher = load(distill.teacher_checkpoint, model=distill.teacher_model,
+                   image_size=config.image_size, dtype=config.get('dtype', 'auto'))
+  except HubError as e:
+    raise ckpt.CheckpointError(
+        f'Teacher checkpoint {distill.teacher_checkpoint} does not fit '
+        f'config.distill.teacher_model={distill.teacher_model!r}: {e}') from None
+  if teacher.num_classes != num_classes:
+    raise ckpt.CheckpointError(
+        f'Teacher checkpoint {distill.teacher_checkpoint} has {teacher.num_classes} classes; '
+        f'the data has {num_classes}.')
+  return teacher.module, teacher.variables
