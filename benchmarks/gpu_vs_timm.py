@@ -13,7 +13,7 @@ no longer fits `--budget_s`:
    accepts and how fast forward+backward runs; the fastest accepted pad is
    used for every later JAX case;
 3. vit_jax's real train step (`benchmark.compile_step(train=True)`, i.e.
-   `train.make_train_step` under the paper's fine-tuning recipe: SGD
+   `train_step.make_train_step` under the paper's fine-tuning recipe: SGD
    momentum, clipping, schedule) and inference, ViT-B/16, bf16 (and f32);
 4. timm's ViT-B/16 of the same shape: eager with AMP bf16 (timm's fused
    SDPA attention), f32 with TF32 and `torch.compile`, the same SGD-momentum

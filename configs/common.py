@@ -6,58 +6,11 @@ Every config file in this directory is a Python file with
   python -m vit_jax.main --config=configs/<file>.py[:arg] --workdir=DIR \
       [--config.key=value ...]
 
-Schema (read by vit_jax/train.py and vit_jax/input_pipeline.py; a wrong type
-stops training with the key's name):
-
-  model_name        preset in vit_jax.models.MODEL_CONFIGS, e.g. 'ViT-B_16'
-  model             ConfigDict merged over the preset (e.g. transformer.
-                    dropout_rate=0.1, classifier='gap'); may replace it fully
-  pretrained_dir    where official checkpoints live
-  pretrained_path   checkpoint to fine-tune from (default
-                    <pretrained_dir>/<model_name>.npz, i.e.
-                    gs://vit_models/imagenet21k/ViT-B_16.npz; a local path
-                    works); None trains from scratch. Never silently random.
-  dataset           TFDS name | 'folder:<root>' | 'npz:<file.npz>' | 'digits' |
-                    'synthetic' (fixed random images made on the device,
-                    num_classes classes: times the loop without data or
-                    TensorFlow)
-  skip_bad_images   image folders: every file is decoded once before
-                    training; undecodable ones stop the run (listed), or
-                    with True are left out (listed in skipped_images)
-  tfds_data_dir, tfds_download, train_split, test_split, num_classes
-  image_size        training/eval resolution (paper: 384 for fine-tuning)
-  pp                train: 'inception_crop' | 'rpt_augment' | 'resize';
-                    eval: 'resize' | 'resize_crop'; crop_fraction
-  batch_size, batch_size_eval, accum_steps (gradient accumulation:
-                    batch_size / accum_steps examples per micro-batch)
-  total_steps, seed, shuffle_buffer
-  lr                base, warmup_steps (int, or float = fraction of
-                    total_steps), decay_type 'cosine' | 'linear', linear_end
-  optim             name 'sgd' | 'adamw', momentum, momentum_dtype,
-                    weight_decay, grad_clip_norm (None = off), b1, b2
-  label_smoothing
-  dtype             'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' |
-                    'bfloat16': computation dtype; params, optimizer state,
-                    LayerNorm statistics, softmax, logits and loss stay f32
-  log_every, eval_every, checkpoint_every, keep_checkpoints
-  mesh              data (-1 = all devices), fsdp (>1 shards params and
-                    optimizer state), min_size (smaller arrays stay
-                    replicated), rules [(regex, 'fsdp'|'replicate')]
-  evals.fewshot     optional few-shot linear evaluation (vit_jax.fewshot)
-  distill           optional DeiT hard-label distillation: teacher_model,
-                    teacher_checkpoint
-  scratch_baseline  None, or overrides for a from-scratch twin trained after
-                    a fine-tune (train.scratch_baseline_config)
-  resume_changed    False: a relaunch on a workdir whose config.json differs
-                    in a trajectory key (anything but log/eval/checkpoint
-                    cadence, eval batch size, keep count, mesh, data
-                    location) is refused; True accepts the new values and
-                    logs them in <workdir>/config_changes.jsonl
-
-Keys documented as None-able (num_classes, pretrained_path, scratch_baseline,
-optim.grad_clip_norm, optim.weight_decay, optim.momentum, eval_every,
-checkpoint_every, keep_checkpoints, batch_size_eval) take
-`--config.<key>=None` on the command line.
+The keys, their types and what they mean are listed once, in
+vit_jax/config_schema.py (`KEYS`; `python -m vit_jax.config_schema` prints
+the table); a wrong type stops training with the key's name. Keys that take
+None (num_classes, pretrained_path, eval_every, optim.grad_clip_norm, ...)
+take `--config.<key>=None` on the command line.
 """
 
 from __future__ import annotations

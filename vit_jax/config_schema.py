@@ -32,40 +32,88 @@ class ConfigError(ValueError):
 # ---------------------------------------------------------------------------
 
 _NUM = (int, float)
-_OPT_STR = (str, type(None))
-_OPT_INT = (int, type(None))
-_SCHEMA: dict[str, tuple[type, ...]] = {
-    'model_name': _OPT_STR,
-    'pretrained_path': _OPT_STR,
-    'dataset': (str,),
-    'train_split': (str,),
-    'test_split': (str,),
-    'num_classes': _OPT_INT,
-    'image_size': (int,),
-    'seed': (int,),
-    'batch_size': (int,),
-    'batch_size_eval': _OPT_INT,
-    'total_steps': (int,),
-    'accum_steps': (int,),
-    'label_smoothing': _NUM,
-    'mpp': (ml_collections.ConfigDict, dict, type(None)),
-    'polyak_decay': _NUM + (type(None),),
-    'eval_every': _OPT_INT,
-    'checkpoint_every': _OPT_INT,
-    'keep_checkpoints': _OPT_INT,
-    'log_every': (int,),
-    'lr.base': _NUM,
-    'lr.warmup_steps': _NUM,
-    'lr.decay_type': (str,),
-    'lr.linear_end': _NUM,
-    'optim.name': (str,),
-    'optim.momentum': _NUM + (type(None),),
-    'optim.momentum_dtype': (str,),
-    'optim.weight_decay': _NUM + (type(None),),
-    'optim.grad_clip_norm': _NUM + (type(None),),
-    'dtype': (str,),
-    'resume_changed': (bool,),
-}
+_STR = (str,)
+_INT = (int,)
+_NONE = (type(None),)
+_DICT = (ml_collections.ConfigDict, dict)
+
+# Every key of a training config: (dotted key, accepted types, what it means).
+# The one place these are documented (configs/common.py, the README and
+# `python -m vit_jax.config_schema` show this table) and type-checked
+# (`validate_config`). Types None means "a sub-config; its keys follow".
+KEYS: tuple[tuple[str, tuple[type, ...] | None, str], ...] = (
+    ('model_name', _STR + _NONE, "preset in vit_jax.models.MODEL_CONFIGS, e.g. 'ViT-B_16'"),
+    ('model', _DICT + _NONE, 'ConfigDict merged over the preset (e.g. classifier=\'gap\'); '
+     'may replace it fully'),
+    ('pretrained_dir', _STR + _NONE, 'where official checkpoints live'),
+    ('pretrained_path', _STR + _NONE, 'checkpoint to fine-tune from: a path, URL or official '
+     "name (ViT-B_16, imagenet21k+imagenet2012/ViT-B_16, AugReg B_16); None trains from "
+     'scratch, never silently'),
+    ('dataset', _STR, "TFDS name | 'folder:<root>' | 'npz:<file.npz>' | 'digits' | "
+     "'synthetic' (random images made on the device; no data, no TensorFlow)"),
+    ('skip_bad_images', (bool,), 'image folders: undecodable files stop the run (listed), or '
+     'with True are left out (listed in skipped_images)'),
+    ('tfds_data_dir', _STR + _NONE, 'TFDS data directory'),
+    ('tfds_download', (bool,), 'let TFDS download the dataset'),
+    ('train_split', _STR, "training split, slices allowed: 'train[:98%]'"),
+    ('test_split', _STR, "the split of the built-in 'test' evaluator (accuracy_test)"),
+    ('num_classes', _INT + _NONE, 'None: from the data'),
+    ('image_size', _INT, 'training and eval resolution (paper: 384 for fine-tuning)'),
+    ('pp.train', _STR, "'inception_crop' | 'rpt_augment' | 'resize'"),
+    ('pp.eval', _STR, "'resize' | 'resize_crop'"),
+    ('pp.crop_fraction', _NUM, "'resize_crop' keeps this central fraction (default 0.875)"),
+    ('seed', _INT, 'parameter init, dropout and data order'),
+    ('shuffle_buffer', _INT + _NONE, 'streamed (TFDS) data only'),
+    ('batch_size', _INT, 'global batch size'),
+    ('batch_size_eval', _INT + _NONE, 'None: batch_size'),
+    ('accum_steps', _INT, 'gradient accumulation: batch_size / accum_steps examples per '
+     'micro-batch'),
+    ('total_steps', _INT, 'optimizer updates'),
+    ('lr.base', _NUM, 'peak learning rate'),
+    ('lr.warmup_steps', _NUM, 'int, or a float = fraction of total_steps'),
+    ('lr.decay_type', _STR, "'cosine' | 'linear'"),
+    ('lr.linear_end', _NUM, "final lr of 'linear' decay"),
+    ('optim.name', _STR, "'sgd' | 'adamw'"),
+    ('optim.momentum', _NUM + _NONE, 'SGD momentum'),
+    ('optim.momentum_dtype', _STR, "'bfloat16' halves the momentum's memory"),
+    ('optim.weight_decay', _NUM + _NONE, 'decoupled weight decay'),
+    ('optim.grad_clip_norm', _NUM + _NONE, 'global-norm clipping; None = off'),
+    ('label_smoothing', _NUM, 'of the cross-entropy targets'),
+    ('dtype', _STR, "'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16': "
+     'computation dtype; params, optimizer state, softmax and loss stay float32'),
+    ('polyak_decay', _NUM + _NONE, 'exponential moving average of the params (e.g. 0.9999); '
+     'evaluated as <metric>_polyak and exported'),
+    ('mpp', _DICT + _NONE, 'masked patch prediction pre-training (vit_jax/models/mpp.py)'),
+    ('log_every', _INT, 'steps between console/TensorBoard lines'),
+    ('eval_every', _INT + _NONE, "steps between runs of the built-in 'test' evaluator "
+     '(0/None: only at the end)'),
+    ('evals', _DICT + _NONE, 'more evaluators by name, each with a type (classification, '
+     'fewshot) and its own every (vit_jax/evaluators.py)'),
+    ('checkpoint_every', _INT + _NONE, 'steps between orbax checkpoints (and at the end)'),
+    ('keep_checkpoints', _INT + _NONE, 'checkpoints kept; None keeps all'),
+    ('mesh', _DICT + _NONE, 'data (-1 = all devices), fsdp (>1 shards params and optimizer '
+     "state), min_size, rules [(regex, 'fsdp'|'replicate')]"),
+    ('distill', _DICT + _NONE, 'DeiT hard-label distillation: teacher_model, '
+     'teacher_checkpoint'),
+    ('scratch_baseline', _DICT + _NONE, 'overrides of a from-scratch twin trained after a '
+     'fine-tune, at equal steps (train.scratch_baseline_config)'),
+    ('resume_changed', (bool,), 'True accepts a relaunch whose trajectory keys changed (logged '
+     'in config_changes.jsonl); False refuses it'),
+    ('recipes', _DICT + _NONE, 'named recipes {max_params, <values>}: the smallest that holds '
+     "the model fills the values left None (configs/folder.py)"),
+    ('recipe', _STR + _NONE, 'the recipe of `recipes` to use; None picks by size'),
+)
+_SCHEMA = {key: types for key, types, _ in KEYS}
+
+
+def describe_keys() -> str:
+  """The table of KEYS, as configs/common.py and `python -m vit_jax.config_schema` show it."""
+  def types(t):
+    return ' | '.join('None' if x is type(None) else 'ConfigDict' if x is ml_collections.ConfigDict
+                      else x.__name__ for x in t if x is not dict)
+  return '\n'.join(f'{key:22s} {types(t):24s} {doc}' for key, t, doc in KEYS)
+
+
 _REQUIRED = ('dataset', 'train_split', 'test_split', 'image_size',
              'batch_size', 'total_steps', 'lr.base')
 
@@ -211,3 +259,7 @@ def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   merged = _merge(base, over)
   merged.setdefault('model_name', config.get('model_name') or 'model')
   return ml_collections.ConfigDict(merged)
+
+
+if __name__ == '__main__':
+  print(describe_keys())

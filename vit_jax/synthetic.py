@@ -7,7 +7,7 @@ once on the devices with the batch sharding, then fed to every step. Nothing
 is copied from the host per step, so the loop's images/sec is the step's.
 
 The same interface as `vit_jax.input_pipeline` (get_dataset_info,
-make_train_iter, make_eval_iter, to_global), so `train.data_module` picks
+make_train_iter, make_eval_iter, to_global), so `config_schema.data_module` picks
 one or the other.
 """
 
