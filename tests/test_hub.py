@@ -183,6 +183,9 @@ def test_a_workdir_loads_its_export_or_any_step(workdir):
   assert model.labels == ['cat', 'dog', 'bird'] and model.image_size == (16, 16)
   assert (model.pp_eval, model.crop_fraction) == ('resize_crop', 0.5)
   _same(model.params, states[6]['polyak'])
+  # The export file by itself: the run's labels and preprocessing come with it.
+  alone = hub.load(wd.export_path())
+  assert (alone.labels, alone.pp_eval, alone.crop_fraction) == (model.labels, 'resize_crop', 0.5)
   # Any orbax step; the Polyak average when the step has one (the export rule).
   _same(hub.load(wd.path, step=3).params, states[3]['params'])
   latest = hub.load(wd.path, step=6)

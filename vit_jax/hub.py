@@ -20,8 +20,11 @@ What decides what:
 * The architecture: `model=` if given (it must fit the file), else the
   training workdir's config, else the file's sidecar `.json`, else the one
   preset with the file's parameter tree (`checkpoint.infer_model`).
-* The resolution: `image_size=` if given, else the workdir config's or the
-  sidecar's, else the one the position embeddings were trained at. At any
+* The resolution and eval preprocessing: `image_size=` if given, else the
+  training run's (a workdir, or a file inside one: its config.json), else
+  the resolution the position embeddings were trained at, with 'resize'.
+* The class names: `labels=`, else the run's labels.txt, else the file's
+  `<name>.labels.txt`. At any
   other resolution the position embeddings are resized as for fine-tuning
   (`checkpoint.fit_position_embeddings`, the one resize).
 """
@@ -167,6 +170,10 @@ def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
       source = ckpt.local_path(checkpoint or name)
       variables = ckpt.load_variables(source)
       mc = ckpt.infer_model(source, model)
+      # A file inside a training workdir (its export, an exported step) comes
+      # with that run's labels and eval preprocessing.
+      wd = Workdir(os.path.dirname(os.path.abspath(source)))
+      config = wd.config() if wd.is_run() else {}
   except (OSError, WorkdirError, ckpt.CheckpointError) as e:
     raise HubError(str(e)) from None
   params = variables['params']
