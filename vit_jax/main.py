@@ -150,7 +150,6 @@ def main(argv) -> None:
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
-  logging.info('Config:\n%s', config)
   try:
     metrics = train.train_and_evaluate(config, _WORKDIR.value)
   except (ValueError, FloatingPointError) as e:

@@ -400,6 +400,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   config = resolve_config(config)  # Model and recipe from the checkpoint.
   validate_config(config)
+  logging.info('Config (resolved):\n%s', config)
   with workdir_lib.hold(workdir):
     return _run(config, workdir, steps_after)
 
