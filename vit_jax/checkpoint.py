@@ -24,6 +24,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import scipy.ndimage
 
+from vit_jax import cli
+
 PREFIXES = ('opt/target/', 'params/')
 DOWNLOAD_HINT = (
     'Official checkpoints load by name and are downloaded once into '
@@ -670,19 +672,15 @@ def infer_model(params_or_path: Mapping[str, Any] | str | os.PathLike,
       'config.model to its full model config.')
 
 
-def main(argv: Sequence[str]) -> int:
-  if len(argv) != 1 or argv[0].startswith('-'):
-    print('usage: python -m vit_jax.checkpoint PATH.npz | NAME\n'
-          'Prints the keys, shapes, architecture and matching preset of a checkpoint: a '
-          'local .npz, or an official name (ViT-B_16, imagenet21k+imagenet2012/ViT-B_16, '
-          'AugReg B_16, ...) downloaded once into $VIT_JAX_CACHE_DIR.',
-          file=sys.stderr if not argv or argv[0] not in ('-h', '--help') else sys.stdout)
-    return 0 if argv and argv[0] in ('-h', '--help') else 2
-  try:
-    variables = load_variables(argv[0])
-  except CheckpointError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+@cli.command(positional='checkpoint', metavar='PATH.npz|NAME', min_args=1,
+             max_args=1)
+def main(args: cli.Args) -> None:
+  """Prints the keys, shapes, architecture and matching preset of a checkpoint.
+
+  A local .npz, or an official name (ViT-B_16, imagenet21k+imagenet2012/ViT-B_16,
+  AugReg B_16, ...) downloaded once into $VIT_JAX_CACHE_DIR.
+  """
+  variables = load_variables(args.checkpoint)
   params = variables['params']
   for key, value in sorted(flatten(params).items()):
     print(f'{key:80s} {tuple(np.shape(value))!s:>20s} {np.asarray(value).dtype}')
@@ -693,11 +691,10 @@ def main(argv: Sequence[str]) -> int:
   if 'batch_stats' in variables:
     print('batch_stats: yes')
   try:
-    print('preset:', infer_model(argv[0]).get('model_name'))
+    print('preset:', infer_model(args.checkpoint).get('model_name'))
   except CheckpointError as e:
     print(f'preset: unknown ({e})')
-  return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(main())

@@ -3,8 +3,8 @@
 `ml_collections.config_flags` parses `--config.key=value` with the type of
 the key's current value, so `--config.optim.grad_clip_norm=None` (documented
 as turning clipping off) was a parsing error, and an unknown key ended in a
-55-line traceback. `flags_parser(config_flag)` is the `flags_parser` for
-`absl.app.run` of the entry points that take `--config`:
+55-line traceback. `vit_jax.cli` parses the command line of the tools that
+take `--config` with these helpers:
 
   * `--config.<key>=None` sets an existing key to None (validation then says
     whether that key may be None);
@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
-
-from absl import flags
 
 _OVERRIDE = re.compile(r'--config\.([A-Za-z_][\w.]*)=(.*)$', re.S)
 
@@ -86,27 +83,20 @@ def describe_error(config: Any, args: Sequence[str], error: Exception) -> str:
   return ' '.join(str(error).split())
 
 
-def flags_parser(config_flag: Any) -> Callable[[list[str]], list[str]]:
-  """The `flags_parser` for `app.run` of an entry point with `--config`."""
+def split_none_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """`argv` without its `--config.key=None` overrides, and those keys.
 
-  def parse(argv: list[str]) -> list[str]:
-    nones = [m.group(1) for a in argv[1:]
-             if (m := _OVERRIDE.match(a)) and m.group(2) == 'None']
-    rest = [a for a in argv if not ((m := _OVERRIDE.match(a)) and m.group(2) == 'None')]
-    # config_flags reads the overrides off sys.argv: hide the None ones.
-    sys.argv[:] = rest
-    try:
-      remaining = flags.FLAGS(rest)
-      for key in nones:
-        if config_flag.value is not None:
-          set_none(config_flag.value, key)
-      return remaining
-    except Exception as e:  # pylint: disable=broad-except
-      config = _base_config(argv)
-      sys.stderr.write(f'ERROR: {describe_error(config, argv[1:], e)}\n')
-      sys.exit(1)
+  ml_collections would parse 'None' with the type of the key's value; the
+  caller sets the keys to None after parsing (`set_none`).
+  """
+  nones = [m.group(1) for a in argv[1:] if (m := _OVERRIDE.match(a)) and m.group(2) == 'None']
+  rest = [a for a in argv if not ((m := _OVERRIDE.match(a)) and m.group(2) == 'None')]
+  return rest, nones
 
-  return parse
+
+def command_line_error(argv: Sequence[str], error: Exception) -> str:
+  """One line for an error parsing `argv` (program name first) with `--config`."""
+  return describe_error(_base_config(argv), argv[1:], error)
 
 
 def _base_config(argv: Sequence[str]) -> Any:

@@ -27,14 +27,14 @@ pretrained_cfg_overlay=dict(file='model.npz'))``, see the README).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
+from vit_jax import cli
 from vit_jax.workdir import Workdir, WorkdirError
 
 class ExportError(ValueError):
@@ -110,34 +110,33 @@ def default_out(workdir: str, step: int | None = None) -> str:
   return wd.export_path(step, None if wd.is_run() else 'model')
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m vit_jax.export',
-                                   description=__doc__.split('\n\n')[0])
-  parser.add_argument('--workdir', required=True, help='training workdir (or its checkpoints/)')
-  parser.add_argument('--step', type=int, help='step to export (default: latest)')
-  parser.add_argument('--out', help='output .npz (default: WORKDIR/<model_name>.npz for the '
-                      'latest step, WORKDIR/<model_name>_step<N>.npz otherwise)')
-  parser.add_argument('--list', action='store_true', help='list the available steps and exit')
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of ``python -m vit_jax.export``."""
+  flags.DEFINE_string('workdir', None, 'Training workdir (or its checkpoints/).', flag_values=fv)
+  flags.DEFINE_integer('step', None, 'Step to export (default: latest).', flag_values=fv)
+  flags.DEFINE_string('out', None, 'Output .npz (default: WORKDIR/<model_name>.npz for the '
+                      'latest step, WORKDIR/<model_name>_step<N>.npz otherwise).', flag_values=fv)
+  flags.DEFINE_bool('list', False, 'List the available steps and exit.', flag_values=fv)
+  flags.mark_flag_as_required('workdir', flag_values=fv)
+
+
+@cli.command(define_flags)
+def main(args: cli.Args) -> None:
+  """Exports a step of a workdir (or lists the steps)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.ERROR)  # orbax warns about read-only mode at INFO/WARNING
-  try:
-    if args.list:
-      print(' '.join(map(str, Workdir(args.workdir).steps())))
-      return 0
-    step = args.step
-    if step is not None and step == Workdir(args.workdir).steps()[-1]:
-      step = None  # the latest step goes where predict looks
-    out = args.out or default_out(args.workdir, step)
-    step, out = export(args.workdir, out, args.step)
-  except ValueError as e:  # ExportError, or CheckpointError (e.g. a full disk)
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  if args.list:
+    print(' '.join(map(str, Workdir(args.workdir).steps())))
+    return
+  step = args.step
+  if step is not None and step == Workdir(args.workdir).steps()[-1]:
+    step = None  # the latest step goes where predict looks
+  out = args.out or default_out(args.workdir, step)
+  step, out = export(args.workdir, out, args.step)
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   n = sum(np.size(v) for v in _flat(checkpoint.load(out)).values())
   print(f'exported step {step} of {args.workdir}: {n:,} parameters -> {out} '
         f'({os.path.getsize(out) / 2**20:.1f} MiB), verified bit-identical on reload')
-  return 0
 
 
 if __name__ == '__main__':

@@ -21,7 +21,6 @@ Models load through :func:`vit_jax.hub.load`; :func:`load_images` and
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -29,8 +28,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-from vit_jax import hub
+from vit_jax import cli, hub
 from vit_jax.dataset_info import IMAGE_EXTENSIONS
 
 
@@ -118,37 +118,37 @@ def top_k(probs: np.ndarray, k: int, labels: list[str] | None) -> list[list[dict
             'prob': float(p[c])} for c in row] for p, row in zip(probs, order)]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.predict', description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('images', nargs='+', help='image files and/or directories (recursive)')
-  parser.add_argument('--checkpoint', help='official-layout .npz (local or gs://)')
-  parser.add_argument('--model', help="preset name, e.g. ViT-B_16 (default: the checkpoint's "
-                      'own, from its sidecar .json or its parameter shapes)')
-  parser.add_argument('--workdir', help='training workdir: uses its .npz, config.json, labels.txt')
-  parser.add_argument('--labels', help='class names, one per line, in label order')
-  parser.add_argument('--top_k', type=int, default=5)
-  parser.add_argument('--image_size', type=int, help='override the resolution (posembs are resized)')
-  parser.add_argument('--batch_size', type=int, default=32)
-  parser.add_argument('--json', action='store_true', help='print machine-readable JSON')
-  parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
-                      help="computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU)")
-  args = parser.parse_args(argv)
-  try:
-    bundle = hub.load(args.workdir or args.checkpoint or _missing(), model=args.model,
-                      checkpoint=args.checkpoint if args.workdir else None,
-                      labels=args.labels, image_size=args.image_size, dtype=args.dtype)
-    paths = collect_images(args.images)
-    images, _ = load_images(paths, bundle)
-  except (PredictError, hub.HubError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of ``python -m vit_jax.predict``."""
+  from vit_jax.models import DTYPES  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('checkpoint', None, 'Official-layout .npz (local or gs://).', flag_values=fv)
+  flags.DEFINE_string('model', None, "Preset name, e.g. ViT-B_16 (default: the checkpoint's "
+                      'own, from its sidecar .json or its parameter shapes).', flag_values=fv)
+  flags.DEFINE_string('workdir', None, 'Training workdir: uses its .npz, config.json, labels.txt.',
+                      flag_values=fv)
+  flags.DEFINE_string('labels', None, 'Class names, one per line, in label order.',
+                      flag_values=fv)
+  flags.DEFINE_integer('top_k', 5, 'Classes printed per image.', flag_values=fv)
+  flags.DEFINE_integer('image_size', None, 'Override the resolution (posembs are resized).',
+                       flag_values=fv)
+  flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.', flag_values=fv)
+  flags.DEFINE_bool('json', False, 'Print machine-readable JSON.', flag_values=fv)
+  flags.DEFINE_enum('dtype', 'auto', DTYPES, "Computation dtype ('auto': bfloat16 on GPU/TPU, "
+                    'float32 on CPU).', flag_values=fv)
+
+
+@cli.command(define_flags, positional='images', metavar='IMAGE [IMAGE ...]', min_args=1)
+def main(args: cli.Args) -> None:
+  """Prints the top-k classes of every image (files and/or directories, recursive)."""
+  bundle = hub.load(args.workdir or args.checkpoint or _missing(), model=args.model,
+                    checkpoint=args.checkpoint if args.workdir else None,
+                    labels=args.labels, image_size=args.image_size, dtype=args.dtype)
+  paths = collect_images(args.images)
+  images, _ = load_images(paths, bundle)
   probs = predict_probs(bundle, images, args.batch_size)
   if not np.all(np.isfinite(probs)):
-    print(f'error: the model gave non-finite outputs for {bundle.source}; '
-          'no predictions printed.', file=sys.stderr)
-    return 1
+    raise PredictError(f'the model gave non-finite outputs for {bundle.source}; '
+                       'no predictions printed.')
   results = top_k(probs, args.top_k, bundle.labels)
   if args.json:
     print(json.dumps([{'image': p, 'top_k': r} for p, r in zip(paths, results)], indent=1))
@@ -157,7 +157,6 @@ def main(argv: Sequence[str] | None = None) -> int:
       print(path)
       for r in rows:
         print(f'  {r["prob"]:8.4f}  {r["name"]}' + (f'  ({r["label"]})' if bundle.labels else ''))
-  return 0
 
 
 if __name__ == '__main__':
