@@ -29,6 +29,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from absl import flags
+
+from vit_jax import cli
 
 
 class AnalysisError(ValueError):
@@ -452,40 +455,39 @@ def run_all(bundle: Any, paths: Sequence[str], out_dir: str,
   return written
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of ``python -m vit_jax.analysis``."""
+  from vit_jax.models import DTYPES  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('checkpoint', None, 'Official-layout .npz.', flag_values=fv)
+  flags.DEFINE_string('model', None, 'Preset name, e.g. ViT-B_16.', flag_values=fv)
+  flags.DEFINE_string('workdir', None, 'Training workdir (its .npz, config.json, labels.txt).',
+                      flag_values=fv)
+  flags.DEFINE_string('labels', None, 'Class names, one per line (for the titles).',
+                      flag_values=fv)
+  flags.DEFINE_integer('image_size', None, 'Override the resolution (posembs are resized).',
+                       flag_values=fv)
+  flags.DEFINE_string('out_dir', 'analysis', 'Directory for the PNGs and analysis.npz.',
+                      flag_values=fv)
+  flags.DEFINE_integer('num_components', 28, 'Principal components of the embedding filters.',
+                       flag_values=fv)
+  flags.DEFINE_integer('max_rollout_images', 8, 'Images shown in the rollout figure '
+                       '(distances use all).', flag_values=fv)
+  flags.DEFINE_enum('dtype', 'auto', DTYPES, "Computation dtype ('auto': bfloat16 on GPU/TPU, "
+                    'float32 on CPU).', flag_values=fv)
 
+
+@cli.command(define_flags, positional='images', metavar='IMAGE [IMAGE ...]', min_args=1)
+def main(args: cli.Args) -> None:
+  """Attention rollout, attention distance, position-embedding similarity and
+  embedding-filter PCs of a ViT (paper Figs. 6, 7, 11) as PNGs."""
   from vit_jax import hub, predict  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.analysis',
-      description='Attention rollout, attention distance, position-embedding similarity and '
-                  'embedding-filter PCs of a ViT (paper Figs. 6, 7, 11) as PNGs.')
-  parser.add_argument('images', nargs='+', help='image files and/or directories')
-  parser.add_argument('--checkpoint', help='official-layout .npz')
-  parser.add_argument('--model', help='preset name, e.g. ViT-B_16')
-  parser.add_argument('--workdir', help='training workdir (its .npz, config.json, labels.txt)')
-  parser.add_argument('--labels', help='class names, one per line (for the titles)')
-  parser.add_argument('--image_size', type=int)
-  parser.add_argument('--out_dir', default='analysis')
-  parser.add_argument('--num_components', type=int, default=28)
-  parser.add_argument('--max_rollout_images', type=int, default=8,
-                      help='images shown in the rollout figure (distances use all)')
-  parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
-                      help="computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU)")
-  args = parser.parse_args(argv)
-  try:
-    bundle = hub.load(args.workdir or args.checkpoint or '', model=args.model,
-                      checkpoint=args.checkpoint if args.workdir else None,
-                      labels=args.labels, image_size=args.image_size, dtype=args.dtype)
-    written = run_all(bundle, predict.collect_images(args.images), args.out_dir,
-                      args.num_components, args.max_rollout_images)
-  except (predict.PredictError, hub.HubError, AnalysisError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  bundle = hub.load(args.workdir or args.checkpoint or '', model=args.model,
+                    checkpoint=args.checkpoint if args.workdir else None,
+                    labels=args.labels, image_size=args.image_size, dtype=args.dtype)
+  written = run_all(bundle, predict.collect_images(args.images), args.out_dir,
+                    args.num_components, args.max_rollout_images)
   for name, path in written.items():
     print(f'{name:>9}: {path}')
-  return 0
 
 
 if __name__ == '__main__':

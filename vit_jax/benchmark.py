@@ -32,15 +32,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from vit_jax import models
+from vit_jax import cli, models
 
 _COMPILE_EVENT = '/jax/core/compile/backend_compile_duration'
 
@@ -284,55 +286,52 @@ def run(model_config: Any, *, name: str, batch: int, resolution: int, train: boo
                    repeats=repeats, num_classes=num_classes, name=name, recipe=recipe)
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of ``python -m vit_jax.benchmark`` besides --config (`cli.command`)."""
+  flags.DEFINE_string('model', None, 'Preset name from vit_jax.models.MODEL_CONFIGS.',
+                      flag_values=fv)
+  flags.DEFINE_integer('resolution', None, 'Input side in pixels (default: config image_size).',
+                       flag_values=fv)
+  flags.DEFINE_integer('batch', 32, 'Batch size.', flag_values=fv)
+  flags.DEFINE_integer('repeats', 10, 'Timed calls; the median is reported.', flag_values=fv)
+  flags.DEFINE_integer('num_classes', None, 'Head size (default: config or 1000).',
+                       flag_values=fv)
+  flags.DEFINE_bool('train', False, 'Also time a training step (forward+backward+SGD).',
+                    flag_values=fv)
+  flags.DEFINE_enum('dtype', 'auto', models.DTYPES,
+                    "Computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU; with "
+                    '--config, default config.dtype).', flag_values=fv)
+  flags.DEFINE_bool('json', False, 'Print one JSON object per result.', flag_values=fv)
+
+
+@cli.command(define_flags, config='Training config file (file.py[:arg]).', lock_config=False,
+             log=True)
+def main(args: cli.Args) -> None:
+  """Prints the throughput of --model or --config's model (and of its training step)."""
   from absl import logging  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # hide jax's "no TPU" backend probing
-  flags = _FLAGS
-  if flags.config is not None:
-    model_config, name = model_config_from_experiment(flags.config)
-    resolution = flags.resolution or flags.config.get('image_size')
-    num_classes = flags.num_classes or flags.config.get('num_classes') or 1000
-  elif flags.model:
-    model_config, name = flags.model, flags.model
-    resolution, num_classes = flags.resolution, flags.num_classes or 1000
+  if args.config is not None:
+    model_config, name = model_config_from_experiment(args.config)
+    resolution = args.resolution or args.config.get('image_size')
+    num_classes = args.num_classes or args.config.get('num_classes') or 1000
+  elif args.model:
+    model_config, name = args.model, args.model
+    resolution, num_classes = args.resolution, args.num_classes or 1000
   else:
-    raise SystemExit('Give --model=PRESET (e.g. ViT-B_16) or --config=configs/FILE.py[:arg].')
+    raise cli.UsageError('Give --model=PRESET (e.g. ViT-B_16) or --config=configs/FILE.py[:arg].')
   if not resolution:
-    raise SystemExit('Give --resolution (the config has no image_size).')
-  modes = [False, True] if flags.train else [False]
-  dtype = flags.dtype
-  if flags.config is not None and not flags['dtype'].present:
-    dtype = flags.config.get('dtype', 'auto')
-  results = [run(model_config, name=name, batch=flags.batch, resolution=int(resolution),
-                 train=t, repeats=flags.repeats, dtype=dtype, num_classes=num_classes,
-                 recipe=flags.config)
+    raise cli.UsageError('Give --resolution (the config has no image_size).')
+  modes = [False, True] if args.train else [False]
+  dtype = args.dtype
+  if args.config is not None and not args.flags['dtype'].present:
+    dtype = args.config.get('dtype', 'auto')
+  results = [run(model_config, name=name, batch=args.batch, resolution=int(resolution),
+                 train=t, repeats=args.repeats, dtype=dtype, num_classes=num_classes,
+                 recipe=args.config)
              for t in modes]
   for r in results:
-    print(json.dumps(dataclasses.asdict(r)) if flags.json else r.summary(), flush=True)
-
-
-_FLAGS: Any = None
-
-
-def _define_flags() -> Any:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string('model', None, 'Preset name from vit_jax.models.MODEL_CONFIGS.')
-  config_flags.DEFINE_config_file('config', None, 'Training config file (file.py[:arg]).',
-                                  lock_config=False)
-  flags.DEFINE_integer('resolution', None, 'Input side in pixels (default: config image_size).')
-  flags.DEFINE_integer('batch', 32, 'Batch size.')
-  flags.DEFINE_integer('repeats', 10, 'Timed calls; the median is reported.')
-  flags.DEFINE_integer('num_classes', None, 'Head size (default: config or 1000).')
-  flags.DEFINE_bool('train', False, 'Also time a training step (forward+backward+SGD).')
-  flags.DEFINE_enum('dtype', 'auto', models.DTYPES,
-                    "Computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU).")
-  flags.DEFINE_bool('json', False, 'Print one JSON object per result.')
-  return flags.FLAGS
+    print(json.dumps(dataclasses.asdict(r)) if args.json else r.summary(), flush=True)
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  _FLAGS = _define_flags()
-  app.run(main)
+  sys.exit(main())

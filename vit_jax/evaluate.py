@@ -18,27 +18,21 @@ from __future__ import annotations
 import json
 import math
 import os
-import pathlib
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-from vit_jax import config_cli
+from vit_jax import cli
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-if (_REPO / 'configs').is_dir() and str(_REPO) not in sys.path:
-  sys.path.insert(0, str(_REPO))
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config whose model, dataset and eval preprocessing to use.',
-    lock_config=True)
-_CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'Official-layout .npz (local or gs://), head included.')
-_JSON = flags.DEFINE_bool('json', False, 'Print the metrics as one JSON object.')
-_DTYPE = flags.DEFINE_enum(
-    'dtype', None, ['auto', 'float32', 'bfloat16'],
-    "Computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU); default config.dtype.")
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of ``python -m vit_jax.evaluate`` besides --config (`cli.command`)."""
+  from vit_jax.models import DTYPES  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('checkpoint', None, 'Official-layout .npz (local or gs://), head included.',
+                      flag_values=fv)
+  flags.DEFINE_bool('json', False, 'Print the metrics as one JSON object.', flag_values=fv)
+  flags.DEFINE_enum('dtype', None, DTYPES, "Computation dtype ('auto': bfloat16 on GPU/TPU, "
+                    'float32 on CPU); default config.dtype.', flag_values=fv)
 
 
 def evaluate_checkpoint(config, checkpoint: str, dtype: str | None = None) -> dict[str, float]:
@@ -66,26 +60,23 @@ def evaluate_checkpoint(config, checkpoint: str, dtype: str | None = None) -> di
   return metrics
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _CHECKPOINT.value is None:
-    raise app.UsageError('Both --config and --checkpoint are required.')
+@cli.command(define_flags, config='Config whose model, dataset and eval preprocessing to use.',
+             log=True)
+def main(args: cli.Args) -> None:
+  """Prints accuracy_test and loss_test of --checkpoint on --config's test split."""
+  if args.config is None or args.checkpoint is None:
+    raise cli.UsageError('Both --config and --checkpoint are required.')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  try:
-    metrics = evaluate_checkpoint(_CONFIG.value, _CHECKPOINT.value, _DTYPE.value)
-  except ValueError as e:
-    print(f'ERROR ({type(e).__name__}): {e}', file=sys.stderr)
-    sys.exit(1)
-  if _JSON.value:
+  metrics = evaluate_checkpoint(args.config, args.checkpoint, args.dtype)
+  if args.json:
     print(json.dumps(metrics))
   else:
-    print(f'{_CHECKPOINT.value} on {_CONFIG.value.dataset} '
-          f'{_CONFIG.value.test_split} @{_CONFIG.value.image_size}px: '
+    print(f'{args.checkpoint} on {args.config.dataset} '
+          f'{args.config.test_split} @{args.config.image_size}px: '
           f'accuracy_test={metrics["accuracy_test"]:.4f} '
           f'loss_test={metrics["loss_test"]:.4f} '
           f'({int(metrics["num_test_examples"])} images)')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_cli.flags_parser(_CONFIG))
+  sys.exit(main())

@@ -12,8 +12,10 @@ vit_jax.evaluators.FewShotEvaluator's (the same evaluator training runs for a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
+from absl import flags
+
+from vit_jax import cli
 from vit_jax.evaluators import FewShotEvaluator
 from vit_jax.linear_probe import DEFAULT_L2_REGS
 
@@ -22,57 +24,61 @@ def _floats(text: str) -> tuple[float, ...]:
   return tuple(float(v) for v in text.split(',') if v.strip())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  """``python -m vit_jax.fewshot``: few-shot accuracies of a checkpoint."""
-  import argparse  # pylint: disable=g-import-not-at-top
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of ``python -m vit_jax.fewshot``."""
+  from vit_jax.models import DTYPES  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('checkpoint', None, 'Official-layout .npz.', flag_values=fv)
+  flags.DEFINE_string('model', None, 'Preset name, e.g. ViT-B_16.', flag_values=fv)
+  flags.DEFINE_string('workdir', None, 'Training workdir (its .npz and config.json).',
+                      flag_values=fv)
+  flags.DEFINE_string('dataset', None, "TFDS name, 'folder:<root>' or 'digits'.", flag_values=fv)
+  flags.DEFINE_string('train_split', 'train', 'Split the few-shot examples come from.',
+                      flag_values=fv)
+  flags.DEFINE_string('test_split', 'test', 'Split the accuracy is measured on.', flag_values=fv)
+  flags.DEFINE_string('tfds_data_dir', None, 'TFDS data directory.', flag_values=fv)
+  flags.DEFINE_integer('image_size', None, "Default: the checkpoint's resolution.",
+                       flag_values=fv)
+  flags.DEFINE_string('shots', '1,5,10,25', 'Examples per class, comma-separated.',
+                      flag_values=fv)
+  flags.DEFINE_string('seeds', '0,1,2', 'Seeds of the draws, comma-separated.', flag_values=fv)
+  flags.DEFINE_string('l2_regs', ','.join(f'{v:g}' for v in DEFAULT_L2_REGS),
+                      'L2 penalties, comma-separated.', flag_values=fv)
+  flags.DEFINE_string('representation', 'pre_logits', 'Sown layer: pre_logits, encoder_out, '
+                      'Transformer/block_outputs/<i>, ...', flag_values=fv)
+  flags.DEFINE_enum('pool', 'auto', ['auto', 'first', 'mean'], 'Pooling of token features.',
+                    flag_values=fv)
+  flags.DEFINE_enum('standardize', 'feature', ['feature', 'global'],
+                    'Feature standardisation statistics.', flag_values=fv)
+  flags.DEFINE_integer('batch_size', 64, 'Images per forward pass.', flag_values=fv)
+  flags.DEFINE_bool('json', False, 'Print all results as JSON.', flag_values=fv)
+  flags.DEFINE_enum('dtype', 'auto', DTYPES, "Computation dtype ('auto': bfloat16 on GPU/TPU, "
+                    'float32 on CPU).', flag_values=fv)
+  flags.mark_flag_as_required('dataset', flag_values=fv)
+
+
+@cli.command(define_flags)
+def main(args: cli.Args) -> None:
+  """Few-shot linear evaluation (ViT paper §4.1) of a checkpoint."""
   import json  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
 
   from vit_jax import hub  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog='python -m vit_jax.fewshot',
-      description='Few-shot linear evaluation (ViT paper §4.1) of a checkpoint.')
-  parser.add_argument('--checkpoint', help='official-layout .npz')
-  parser.add_argument('--model', help='preset name, e.g. ViT-B_16')
-  parser.add_argument('--workdir', help='training workdir (its .npz and config.json)')
-  parser.add_argument('--dataset', required=True, help="TFDS name, 'folder:<root>' or 'digits'")
-  parser.add_argument('--train_split', default='train')
-  parser.add_argument('--test_split', default='test')
-  parser.add_argument('--tfds_data_dir')
-  parser.add_argument('--image_size', type=int, help='default: the checkpoint\'s resolution')
-  parser.add_argument('--shots', default='1,5,10,25')
-  parser.add_argument('--seeds', default='0,1,2')
-  parser.add_argument('--l2_regs', default=','.join(f'{v:g}' for v in DEFAULT_L2_REGS))
-  parser.add_argument('--representation', default='pre_logits',
-                      help="sown layer: pre_logits, encoder_out, Transformer/block_outputs/<i>, ...")
-  parser.add_argument('--pool', default='auto', choices=('auto', 'first', 'mean'))
-  parser.add_argument('--standardize', default='feature', choices=('feature', 'global'))
-  parser.add_argument('--batch_size', type=int, default=64)
-  parser.add_argument('--json', action='store_true', help='print all results as JSON')
-  parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'),
-                      help="computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU)")
-  args = parser.parse_args(argv)
-  try:
-    bundle = hub.load(args.workdir or args.checkpoint or '', model=args.model,
-                      checkpoint=args.checkpoint if args.workdir else None,
-                      image_size=args.image_size, dtype=args.dtype)
-    config = {
-        'dataset': args.dataset, 'train_split': args.train_split, 'test_split': args.test_split,
-        'tfds_data_dir': args.tfds_data_dir, 'image_size': bundle.image_size,
-        'shots': tuple(int(v) for v in _floats(args.shots)),
-        'seeds': tuple(int(v) for v in _floats(args.seeds)), 'l2_regs': _floats(args.l2_regs),
-        'representation': args.representation, 'pool': args.pool, 'standardize': args.standardize,
-        'batch_size': args.batch_size, 'pp_eval': bundle.pp_eval, 'crop_fraction': bundle.crop_fraction}
-    evaluator = FewShotEvaluator(config, bundle.module)
-    metrics = evaluator.run(bundle.params)
-  except ValueError as e:  # FewShotError, HubError, ...
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  bundle = hub.load(args.workdir or args.checkpoint or '', model=args.model,
+                    checkpoint=args.checkpoint if args.workdir else None,
+                    image_size=args.image_size, dtype=args.dtype)
+  config = {
+      'dataset': args.dataset, 'train_split': args.train_split, 'test_split': args.test_split,
+      'tfds_data_dir': args.tfds_data_dir, 'image_size': bundle.image_size,
+      'shots': tuple(int(v) for v in _floats(args.shots)),
+      'seeds': tuple(int(v) for v in _floats(args.seeds)), 'l2_regs': _floats(args.l2_regs),
+      'representation': args.representation, 'pool': args.pool, 'standardize': args.standardize,
+      'batch_size': args.batch_size, 'pp_eval': bundle.pp_eval, 'crop_fraction': bundle.crop_fraction}
+  evaluator = FewShotEvaluator(config, bundle.module)
+  metrics = evaluator.run(bundle.params)
   results = evaluator.last_results
   if args.json:
     print(json.dumps({'metrics': metrics, 'results': {
         k: dataclasses.asdict(r) for k, r in results.items()}}, indent=2))
-    return 0
+    return
   l2s = evaluator.l2_regs
   print(f'{evaluator.name}: few-shot accuracy of {args.representation}, mean over seeds '
         f'{evaluator.seeds}; L2 penalty chosen per seed by leave-one-out')
@@ -84,7 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(f'{"shots":>5}  ' + ' '.join(f'{v:>7g}' for v in l2s))
   for k, r in results.items():
     print(f'{k:>5}  ' + ' '.join(f'{r.per_l2[v]:7.4f}' for v in l2s))
-  return 0
 
 
 if __name__ == '__main__':

@@ -56,60 +56,51 @@ from __future__ import annotations
 
 import logging as std_logging
 import os
-import pathlib
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
-from vit_jax import config_cli
-
-# `configs/*.py` import `configs.common`: make the repository root importable
-# when running from elsewhere.
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-if (_REPO / 'configs').is_dir() and str(_REPO) not in sys.path:
-  sys.path.insert(0, str(_REPO))
-
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Training config file, e.g. configs/finetune_b16.py or '
-    'configs/vit.py:b16,cifar10; override fields with --config.key=value.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Output directory: checkpoints, TensorBoard events, '
-    'config.json, labels.txt and the exported <model_name>.npz. Re-using it '
-    'resumes training.')
-_COORDINATOR = flags.DEFINE_string(
-    'coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
-    'host:port of process 0, for multi-process runs.')
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', int(os.environ.get('JAX_NUM_PROCESSES', '0')) or None,
-    'Number of processes of a multi-process run.')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', (int(os.environ['JAX_PROCESS_ID'])
-                   if 'JAX_PROCESS_ID' in os.environ else None),
-    'Index of this process in a multi-process run.')
-_MULTIHOST = flags.DEFINE_bool(
-    'multihost', False, 'Call jax.distributed.initialize() with auto-detected '
-    'arguments (TPU pods, Slurm, Open MPI).')
-_VERBOSE = flags.DEFINE_bool(
-    'verbose', False, 'Keep the start-up notices (JAX probing for a TPU, '
-    "TensorFlow's oneDNN and C++ INFO/WARNING lines) and log tracebacks of errors.")
-_CPU_COLLECTIVES = flags.DEFINE_enum(
-    'cpu_collectives', None, ['gloo', 'mpi'],
-    'Cross-process collectives on CPU (multi-process CPU runs only).')
+from vit_jax import cli
 
 
-def init_distributed() -> None:
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of ``python -m vit_jax.main`` besides --config (`cli.command`)."""
+  flags.DEFINE_string(
+      'workdir', None, 'Output directory: checkpoints, TensorBoard events, '
+      'config.json, labels.txt and the exported <model_name>.npz. Re-using it '
+      'resumes training.', flag_values=fv)
+  flags.DEFINE_string(
+      'coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
+      'host:port of process 0, for multi-process runs.', flag_values=fv)
+  flags.DEFINE_integer(
+      'num_processes', int(os.environ.get('JAX_NUM_PROCESSES', '0')) or None,
+      'Number of processes of a multi-process run.', flag_values=fv)
+  flags.DEFINE_integer(
+      'process_id', (int(os.environ['JAX_PROCESS_ID'])
+                     if 'JAX_PROCESS_ID' in os.environ else None),
+      'Index of this process in a multi-process run.', flag_values=fv)
+  flags.DEFINE_bool(
+      'multihost', False, 'Call jax.distributed.initialize() with auto-detected '
+      'arguments (TPU pods, Slurm, Open MPI).', flag_values=fv)
+  flags.DEFINE_bool(
+      'verbose', False, 'Keep the start-up notices (JAX probing for a TPU, '
+      "TensorFlow's oneDNN and C++ INFO/WARNING lines) and log tracebacks of errors.",
+      flag_values=fv)
+  flags.DEFINE_enum(
+      'cpu_collectives', None, ['gloo', 'mpi'],
+      'Cross-process collectives on CPU (multi-process CPU runs only).', flag_values=fv)
+
+
+def init_distributed(args: cli.Args) -> None:
   """Joins a multi-process run when flags or environment ask for one."""
   import jax  # pylint: disable=g-import-not-at-top
-  if _CPU_COLLECTIVES.value:
-    jax.config.update('jax_cpu_collectives_implementation',
-                      _CPU_COLLECTIVES.value)
-  if _COORDINATOR.value or _NUM_PROCESSES.value:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  elif _MULTIHOST.value or _launched_with_several_tasks():
+  if args.cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', args.cpu_collectives)
+  if args.coordinator_address or args.num_processes:
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes,
+                               process_id=args.process_id)
+  elif args.multihost or _launched_with_several_tasks():
     jax.distributed.initialize()  # Arguments detected from the environment.
 
 
@@ -133,32 +124,31 @@ def quiet_start_up(verbose: bool) -> None:
   std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError('Both --config and --workdir are required, e.g. '
+@cli.command(define_flags, config='Training config file, e.g. configs/finetune_b16.py or '
+             'configs/vit.py:b16,cifar10; override fields with --config.key=value.', log=True)
+def main(args: cli.Args) -> None:
+  """Trains and evaluates --config into --workdir; prints the final metrics."""
+  if args.config is None or args.workdir is None:
+    raise cli.UsageError('Both --config and --workdir are required, e.g. '
                          '--config=configs/quickstart.py --workdir=/tmp/qs')
-  quiet_start_up(_VERBOSE.value)
-  init_distributed()
+  quiet_start_up(args.verbose)
+  init_distributed(args)
   import jax  # pylint: disable=g-import-not-at-top
 
   from vit_jax import train  # pylint: disable=g-import-not-at-top
 
-  config = _CONFIG.value
+  config = args.config
   logging.info('JAX %s: process %d of %d, %d local / %d global devices (%s).',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    metrics = train.train_and_evaluate(config, _WORKDIR.value)
-  except (ValueError, FloatingPointError) as e:
-    # User errors (bad config, missing checkpoint or data, divergence): a
-    # clear message instead of a traceback (--verbose logs it).
-    (logging.info if _VERBOSE.value else logging.debug)('Traceback:', exc_info=True)
+    metrics = train.train_and_evaluate(config, args.workdir)
+  except cli.USER_ERRORS as e:
+    # User errors (bad config, missing checkpoint or data, divergence): one
+    # ERROR line (cli) instead of a traceback (--verbose prints it), and in the log.
     logging.error('%s: %s', type(e).__name__, e)
-    print(f'\nERROR ({type(e).__name__}): {e}', file=sys.stderr)
-    sys.exit(1)
+    raise
   summary = ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
                       for k, v in metrics.items())
   print(f'Final: {summary}')
@@ -170,6 +160,4 @@ def main(argv) -> None:
 
 
 if __name__ == '__main__':
-  flags.mark_flags_as_required(['config', 'workdir'])
-  # One-line errors for unknown keys and bad values; `--config.key=None`.
-  app.run(main, flags_parser=config_cli.flags_parser(_CONFIG))
+  sys.exit(main())

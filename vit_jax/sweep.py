@@ -30,6 +30,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
+from absl import flags
+
+from vit_jax import cli
 
 PAPER_GRID = (0.001, 0.003, 0.01, 0.03)  # ViT paper Table 4.
 
@@ -182,39 +185,31 @@ def format_table(state: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: Sequence[str]) -> None:
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
-  del argv
-  flags_ = flags.FLAGS
+def define_flags(fv: flags.FlagValues) -> None:
+  """The flags of ``python -m vit_jax.sweep`` besides --config (`cli.command`)."""
+  flags.DEFINE_string('workdir', None, 'Sweep directory: sweep.json, lr_<lr>/ and final/.',
+                      flag_values=fv)
+  flags.DEFINE_string('grid', ','.join(_lr_key(g) for g in PAPER_GRID),
+                      'Comma-separated learning rates (default: the paper\'s Table 4).',
+                      flag_values=fv)
+  flags.DEFINE_float('dev_split', None, 'Fraction of train held out as dev (default: '
+                     '0.1 / 0.02 / 0.01 by the size of the train split).', flag_values=fv)
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=fv)
+
+
+@cli.command(define_flags, config='Fine-tuning config, as for vit_jax.main.', log=True)
+def main(args: cli.Args) -> None:
+  """Runs the sweep into --workdir; prints the table of dev accuracies and the test accuracy."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   try:
-    grid = [float(x) for x in flags_.grid.split(',') if x.strip()]
+    grid = [float(x) for x in args.grid.split(',') if x.strip()]
   except ValueError as e:
-    raise app.UsageError(f'--grid must be comma-separated numbers, got {flags_.grid!r}.') from e
-  try:
-    state = run_sweep(flags_.config, flags_.workdir, grid, flags_.dev_split)
-  except (ValueError, FloatingPointError) as e:
-    print(f'\nERROR ({type(e).__name__}): {e}', file=sys.stderr)
-    sys.exit(1)
+    raise cli.UsageError(f'--grid must be comma-separated numbers, got {args.grid!r}.') from e
+  state = run_sweep(args.config, args.workdir, grid, args.dev_split)
   print(format_table(state))
-  print(f'Wrote {os.path.join(flags_.workdir, "sweep.json")}.')
+  print(f'Wrote {os.path.join(args.workdir, "sweep.json")}.')
 
 
 if __name__ == '__main__':
-  import pathlib
-
-  from absl import app, flags
-  from ml_collections import config_flags
-  _REPO = pathlib.Path(__file__).resolve().parents[1]
-  if (_REPO / 'configs').is_dir() and str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
-  config_flags.DEFINE_config_file('config', None, 'Fine-tuning config, as for vit_jax.main.',
-                                  lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Sweep directory: sweep.json, lr_<lr>/ and final/.')
-  flags.DEFINE_string('grid', ','.join(_lr_key(g) for g in PAPER_GRID),
-                      'Comma-separated learning rates (default: the paper\'s Table 4).')
-  flags.DEFINE_float('dev_split', None, 'Fraction of train held out as dev (default: '
-                     '0.1 / 0.02 / 0.01 by the size of the train split).')
-  flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  sys.exit(main())
