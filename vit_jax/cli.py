@@ -132,8 +132,9 @@ class Command:
         sys.path.insert(0, str(_REPO))  # configs/*.py import configs.common
       try:
         rest = fv(argv)
-        for key in nones:
-          if fv['config'].value is not None:
+        if fv['config'].value is not None:
+          fv['config'].value.keys()  # ml_collections defers a load error to first use
+          for key in nones:
             config_cli.set_none(fv['config'].value, key)
       except Exception as e:  # pylint: disable=broad-except
         # A config file that does not load fails in any way; all are usage errors.
@@ -244,7 +245,7 @@ def _flag_help(flag: Any) -> str:
   name = f'--[no]{flag.name}' if flag.boolean else f'--{flag.name}'
   text = f'{name}: {flag.help}'
   lines = [flags.text_wrap(text, indent='    ', firstline_indent='  ')]
-  if flag.default_as_str:
+  if flag.default is not None and flag.default_as_str:
     lines.append(flags.text_wrap(f'(default: {flag.default_as_str})', indent='    '))
   syntax = flag.parser.syntactic_help if hasattr(flag.parser, 'syntactic_help') else ''
   if syntax and not flag.boolean:

@@ -1,0 +1,135 @@
+"""The one command-line convention (vit_jax/cli.py) across every tool."""
+
+import importlib
+import re
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from conftest import REPO, SUBPROCESS_ENV
+from vit_jax import cli
+
+# Every `python -m vit_jax.<tool>`, with a flag (or argument) only its --help shows.
+TOOLS = {
+    'main': '--coordinator_address',
+    'evaluate': '--checkpoint',
+    'predict': '--top_k',
+    'export': '--step',
+    'fewshot': '--shots',
+    'analysis': '--max_rollout_images',
+    'checkpoint': 'PATH.npz|NAME',
+    'benchmark': '--resolution',
+    'sweep': '--grid',
+}
+ERROR_LINE = re.compile(r'^ERROR \((\w+)\): (.+)$', re.M)
+
+
+def _module(tool):
+  return importlib.import_module(f'vit_jax.{tool}')
+
+
+def _doc_line(tool) -> str:
+  """A line of the tool's module docstring, as --help must print it."""
+  return next(ln.strip() for ln in _module(tool).__doc__.strip().splitlines()[1:] if ln.strip())
+
+
+def test_every_cli_answers_help():
+  # All at once: each start imports absl (+ jax, flax for --dtype) on slow cores.
+  procs = {t: subprocess.Popen([sys.executable, '-m', f'vit_jax.{t}', '--help'], cwd=REPO,
+                               env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+           for t in TOOLS}
+  for tool, proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, (tool, err[-2000:])
+    assert 'Traceback' not in err and 'ERROR' not in err, (tool, err[-2000:])
+    assert f'Usage: python -m vit_jax.{tool} [flags]' in out, (tool, out[-3000:])
+    assert _doc_line(tool) in out, (tool, out[:3000])
+    assert TOOLS[tool] in out and '--[no]verbose' in out, (tool, out[-3000:])
+
+
+def test_importing_every_tool_defines_no_global_flags():
+  before = set(flags.FLAGS)
+  for tool in TOOLS:
+    _module(tool)
+  assert set(flags.FLAGS) == before
+  # Flags with the same names in several tools, parsed in one process, twice.
+  for tool in ('predict', 'fewshot', 'evaluate', 'predict'):
+    assert _module(tool).main(['--help']) == 0
+
+
+def test_dtype_choices_come_from_models(monkeypatch):
+  from vit_jax import models
+  monkeypatch.setattr(models, 'DTYPES', (*models.DTYPES, 'float16'))
+  for tool in ('predict', 'fewshot', 'analysis', 'evaluate', 'benchmark'):
+    _, fv = _module(tool).main.command.parse(['--help'])
+    assert fv['dtype'].parser.enum_values == list(models.DTYPES), tool
+
+
+def _error(capsys) -> tuple[str, str, str]:
+  """(type, message, the whole stderr) of the one ERROR line a failed run printed."""
+  err = capsys.readouterr().err
+  lines = ERROR_LINE.findall(err)
+  assert len(lines) == 1 and err.startswith('ERROR ('), err
+  assert 'Traceback' not in err, err
+  return (*lines[0], err)
+
+
+@pytest.mark.parametrize('tool, argv, kind, message', [
+    ('checkpoint', ['/nonexistent/x.npz'], 'CheckpointError', 'Checkpoint not found: /nonexistent'),
+    ('checkpoint', [], 'UsageError', 'expected 1 argument(s) PATH.npz|NAME, got none'),
+    ('checkpoint', ['me', 'x.npz'], 'UsageError', 'got 2: me x.npz'),
+    ('predict', ['--checkpoint=/nonexistent.npz', '--model=ViT-B_16', 'x.jpg'], 'PredictError',
+     'Checkpoint not found: /nonexistent.npz'),
+    ('predict', ['--top_k=many', 'x.jpg'], 'UsageError', "flag --top_k=many: invalid literal"),
+    ('predict', ['--dtype=float64', 'x.jpg'], 'UsageError', 'flag --dtype=float64: value should be'),
+    ('export', ['--step=3'], 'UsageError', 'Flag --workdir must have a value other than None'),
+    ('export', ['--workdir=/nonexistent', '--nolist', '--bogus'], 'UsageError',
+     "Unknown command line flag 'bogus'"),
+    ('export', ['--workdir=/nonexistent'], 'ExportError', 'No orbax checkpoints under'),
+    ('fewshot', ['--dataset=digits', '--pool=max'], 'UsageError', 'flag --pool=max'),
+    ('analysis', ['--checkpoint=/nonexistent.npz', 'x.jpg'], 'PredictError', 'Checkpoint not found'),
+    ('evaluate', ['--config=tests/_tiny_config.py', '--checkpoint=x.npz', '--config.bogus=1'],
+     'UsageError', "unknown config key 'bogus' in --config.bogus=1; nearest valid keys:"),
+    ('sweep', ['--config=tests/_tiny_config.py'], 'UsageError', 'Flag --workdir must have a value'),
+    ('benchmark', ['--batch=two'], 'UsageError', 'flag --batch=two'),
+])
+def test_errors_come_out_in_one_format(tool, argv, kind, message, capsys):
+  assert _module(tool).main(argv) == 1
+  got_kind, got_message, err = _error(capsys)
+  assert (got_kind, message in got_message) == (kind, True), err
+  if kind == 'UsageError':  # and where to look
+    assert f'Usage: python -m vit_jax.{tool} [flags]' in err, err
+
+
+def test_verbose_adds_the_traceback(capsys):
+  from vit_jax import checkpoint
+  assert checkpoint.main(['--verbose', '/nonexistent/x.npz']) == 1
+  err = capsys.readouterr().err
+  assert 'Traceback (most recent call last)' in err
+  assert ERROR_LINE.findall(err)[-1][0] == 'CheckpointError'
+
+
+def test_bugs_are_not_reported_as_user_errors():
+  def body(args):
+    del args
+    raise KeyError('a bug')
+  main = cli.command()(body)
+  with pytest.raises(KeyError, match='a bug'):
+    main([])
+  assert cli.command()(lambda args: 3)([]) == 3
+
+
+def test_help_wins_and_positional_arguments_after_flags(capsys):
+  from vit_jax import predict
+  assert predict.main(['--top_k=not-a-number', '-h']) == 0
+  out = capsys.readouterr().out
+  assert out.startswith(predict.__doc__.strip()[:60]) and '--top_k' in out
+  seen = {}
+  main = cli.command(lambda fv: flags.DEFINE_integer('n', 1, 'n', flag_values=fv),
+                     positional='paths', metavar='PATH...', min_args=1)(
+                         lambda args: seen.update(vars(args)))
+  assert main(['a', '--n', '3', 'b', '--', '--help']) == 0
+  assert seen['paths'] == ['a', 'b', '--help'] and seen['n'] == 3
