@@ -265,7 +265,7 @@ def run_loop(shape: tuple, pad_multiple: int, timeout: float, log, smoke: bool) 
           'vit.ATTENTION_PAD_MULTIPLE = int(sys.argv.pop(1)); '
           + ('vit._resolve_attention = lambda a, d: "einsum"; '   # cuDNN fallback
              if variant.get('attention') == 'einsum' else '')
-          + 'from absl import app; from vit_jax import main; app.run(main.main)')
+          + 'from vit_jax import main; sys.exit(main.main())')
   cmd = [sys.executable, '-c', code, str(pad_multiple),
          '--config=configs/finetune_b16.py', f'--workdir={workdir}',
          '--config.dataset=synthetic', '--config.pretrained_path=None',

@@ -163,7 +163,7 @@ def test_cli_describes_file(capsys):
 
 def test_cli_error_exit_code(tmp_path, capsys):
   assert checkpoint.main([str(tmp_path / 'nope.npz')]) == 1
-  assert 'not found' in capsys.readouterr().err
+  assert capsys.readouterr().err.startswith('ERROR (CheckpointError): Checkpoint not found')
 
 
 def test_not_zip_is_error_type():

@@ -90,4 +90,5 @@ def test_export_errors(tmp_path, capsys):
   _write(str(tmp_path), [2])
   assert export.main([f'--workdir={tmp_path}', '--step=9', f'--out={tmp_path}/x.npz']) == 1
   err = capsys.readouterr().err
-  assert 'No checkpoint for step 9' in err and 'available steps: [2]' in err
+  assert err.startswith('ERROR (ExportError): ') and 'No checkpoint for step 9' in err
+  assert 'available steps: [2]' in err

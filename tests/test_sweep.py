@@ -124,4 +124,5 @@ def test_command_line(tmp_path):
       [sys.executable, '-m', 'vit_jax.sweep', '--config=tests/_tiny_config.py',
        f'--workdir={tmp_path}/b', '--grid=0.3,-1'],
       cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
-  assert bad.returncode == 1 and 'distinct positive learning rates' in bad.stderr
+  assert bad.returncode == 1 and 'ERROR (SweepError): ' in bad.stderr
+  assert 'distinct positive learning rates' in bad.stderr
