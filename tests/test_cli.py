@@ -50,11 +50,15 @@ def test_every_cli_answers_help():
     assert TOOLS[tool] in out and '--[no]verbose' in out, (tool, out[-3000:])
 
 
+def _flag_names(tool) -> set[str]:
+  _, fv = _module(tool).main.command.parse(['--help'])
+  return {fv[name].name for name in fv}
+
+
 def test_importing_every_tool_defines_no_global_flags():
-  before = set(flags.FLAGS)
-  for tool in TOOLS:
-    _module(tool)
-  assert set(flags.FLAGS) == before
+  names = set().union(*(_flag_names(tool) for tool in TOOLS))
+  assert {'config', 'workdir', 'checkpoint', 'json', 'dtype', 'model', 'top_k'} <= names
+  assert not names & set(flags.FLAGS), sorted(names & set(flags.FLAGS))
   # Flags with the same names in several tools, parsed in one process, twice.
   for tool in ('predict', 'fewshot', 'evaluate', 'predict'):
     assert _module(tool).main(['--help']) == 0
@@ -66,6 +70,14 @@ def test_dtype_choices_come_from_models(monkeypatch):
   for tool in ('predict', 'fewshot', 'analysis', 'evaluate', 'benchmark'):
     _, fv = _module(tool).main.command.parse(['--help'])
     assert fv['dtype'].parser.enum_values == list(models.DTYPES), tool
+
+
+def test_config_overrides_and_none():
+  argv = ['--config=tests/_tiny_config.py', '--checkpoint=x.npz', '--config.lr.base=0.5',
+          '--config.num_classes=None', '--json']
+  args, _ = _module('evaluate').main.command.parse(argv)
+  assert args.config.lr.base == 0.5 and args.config.num_classes is None
+  assert args.json is True and args.checkpoint == 'x.npz' and args.dtype is None
 
 
 def _error(capsys) -> tuple[str, str, str]:

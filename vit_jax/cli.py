@@ -192,10 +192,10 @@ def report(error: BaseException, verbose: bool = False) -> None:
   print(f'ERROR ({type(error).__name__}): {message}', file=sys.stderr)
 
 
-def command(define: Callable[[flags.FlagValues], None] | None = None, *, positional: str | None = None,
-            metavar: str = '', min_args: int = 0, max_args: int | None = None,
-            errors: tuple[type[BaseException], ...] = USER_ERRORS, config: str | None = None,
-            lock_config: bool = True, log: bool = False,
+def command(define: Callable[[flags.FlagValues], None] | None = None, *,
+            positional: str | None = None, metavar: str = '', min_args: int = 0,
+            max_args: int | None = None, errors: tuple[type[BaseException], ...] = USER_ERRORS,
+            config: str | None = None, lock_config: bool = True, log: bool = False,
             ) -> Callable[[Callable[[Args], int | None]], Callable[..., int]]:
   """Decorator: ``body(args)`` -> ``main(argv: Sequence[str] | None = None) -> int``.
 
