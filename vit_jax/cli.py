@@ -21,6 +21,8 @@ with `command`, which turns it into ``main(argv=None) -> int``::
   ``--json`` / ``--nojson``; ``--flagfile=FILE``.
 * ``main(argv)`` takes the arguments without the program name (default
   ``sys.argv[1:]``) and returns the exit status: 0 on success, 1 on an error.
+  ``main.command`` is the `Command`: ``main.command.parse(argv)`` gives the
+  parsed `Args` without running the tool.
 * ``--help`` (or ``-h``, ``--helpshort``, ``--helpfull``) prints the module
   docstring, the usage line and the tool's flags to stdout; exit status 0.
 * Errors come out in one format, one line on stderr, exit status 1::
