@@ -70,7 +70,7 @@ def test_evaluate_cli(pretrained):
       [sys.executable, '-m', 'vit_jax.evaluate', '--config=tests/_tiny_config.py',
        '--checkpoint=/nonexistent.npz'],
       cwd=REPO, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300, check=False)
-  assert bad.returncode == 1 and 'ERROR (PredictError): Checkpoint not found: /nonexistent.npz' \
+  assert bad.returncode == 1 and 'ERROR (HubError): Checkpoint not found: /nonexistent.npz' \
       in bad.stderr
 
 

@@ -105,7 +105,7 @@ def test_predict_clear_errors(saved_model, tmp_path, capsys):
   bad.write_bytes(b'not an image')
   (tmp_path / 'two.txt').write_text('a\nb\n')
   assert predict.main([f'--checkpoint={tmp_path}/missing.npz', '--model=ViT-B_16', str(bad)]) == 1
-  assert capsys.readouterr().err.startswith('ERROR (PredictError): Checkpoint not found')
+  assert capsys.readouterr().err.startswith('ERROR (HubError): Checkpoint not found')
   assert predict.main([str(bad)]) == 1
   err = capsys.readouterr().err
   assert err.startswith('ERROR (PredictError): ') and 'Pass --workdir=DIR, or --checkpoint=PATH.npz' in err
