@@ -22,6 +22,7 @@ TOOLS = {
     'checkpoint': 'PATH.npz|NAME',
     'benchmark': '--resolution',
     'sweep': '--grid',
+    'config_schema': 'Prints every training-config key',  # no flags of its own
 }
 ERROR_LINE = re.compile(r'^ERROR \((\w+)\): (.+)$', re.M)
 

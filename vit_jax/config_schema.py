@@ -12,12 +12,13 @@ them from here; none of them imports the loop.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 
-from vit_jax import models
+from vit_jax import cli, models
 from vit_jax.models import vit
 
 
@@ -261,5 +262,12 @@ def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return ml_collections.ConfigDict(merged)
 
 
-if __name__ == '__main__':
+@cli.command()
+def main(args: cli.Args) -> None:
+  """Prints every training-config key: its types and what it means (`KEYS`)."""
+  del args
   print(describe_keys())
+
+
+if __name__ == '__main__':
+  sys.exit(main())
