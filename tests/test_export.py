@@ -64,7 +64,8 @@ def test_export_any_step_bit_identical(tmp_path, capsys):
   assert export.main([f'--workdir={wd}']) == 0
   assert 'exported step 7' in capsys.readouterr().out
   # The sidecar names the architecture, for fine-tuning without model_name.
-  assert checkpoint.read_sidecar(str(tmp_path / 'ViT-Ti_16.npz'))['hidden_size'] == 192
+  side = checkpoint.read_sidecar(str(tmp_path / 'ViT-Ti_16.npz'))
+  assert side['model']['hidden_size'] == 192
   _assert_same(checkpoint.flatten(checkpoint.load(str(tmp_path / 'ViT-Ti_16.npz'))), states[7]['params'])
   assert export.main([f'--workdir={wd}', '--step=3']) == 0  # an old step: its own file
   _assert_same(checkpoint.flatten(checkpoint.load(str(tmp_path / 'ViT-Ti_16_step3.npz'))),

@@ -640,7 +640,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   polyak = sharding.to_host(state['polyak']) if 'polyak' in state else None
   export_path = wd.export_path(model_name=mc.model_name)
   if is_main:
-    export_lib.write(export_path, params, polyak, batch_stats, model_config=mc)
+    export_lib.write(export_path, params, polyak, batch_stats, model_config=mc,
+                     preprocessing=export_lib.preprocessing_from_config(config))
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
       json.dump(dict(final, step=total_steps), f, indent=2)
     logging.info('Exported the trained params to %s.', export_path)
