@@ -20,9 +20,20 @@ Workdir layout (others rely on it):
   <model_name>.npz     final params in the official layout (`checkpoint.load`);
                        the Polyak average when config.polyak_decay is set
   <model_name>_raw.npz the raw final params, only with config.polyak_decay
+  <model_name>.json    its sidecar (checkpoint.read_sidecar): model config,
+                       num_classes, eval preprocessing, timm.create_model
+                       arguments or why there are none (export.sidecar_record)
   labels.txt           class names, one per line, in label order
-  events.out.tfevents* TensorBoard scalars (train_loss, lr, accuracy_test,
-                       loss_test, img_sec_core_train, ...)
+  test_files.txt       the held-out test images of a stratified folder split
+  final_metrics.json   the final eval (and its step)
+  run_info.json        dtype, platform, device kind and count, jax version
+  metrics.jsonl        every logged scalar, one JSON object per line; after a
+                       resume a step may repeat (the later line counts)
+  events.out.tfevents* TensorBoard scalars, plain simple_value (train_loss,
+                       lr, accuracy_test, loss_test, img_sec_core_train, ...),
+                       when tensorboard is installed (vit_jax.metrics)
+  curves.png           train loss, test accuracy and lr vs step, at the end
+                       of the run, when matplotlib is installed (vit_jax.curves)
 
 Differences from the original on purpose: the first update has a nonzero lr
 and the logged lr is the one the step used; eval scores every test example;
