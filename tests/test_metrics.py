@@ -122,3 +122,18 @@ def test_fmt_time_and_throughput():
   meter = metrics.Throughput()
   rate, total = meter.window()  # nothing timed yet
   assert math.isnan(rate) and math.isnan(total)
+
+
+def test_write_curves_leaves_matplotlib_backend_alone(tmp_path):
+  """A notebook that trains keeps its inline figures (finetune.ipynb)."""
+  import matplotlib
+  (tmp_path / 'metrics.jsonl').write_text(
+      '{"step": 1, "train_loss": 2.0, "lr": 0.1}\n{"step": 2, "accuracy_test": 0.5}\n')
+  before = matplotlib.get_backend()
+  matplotlib.use('svg')
+  try:
+    assert curves.write_curves(str(tmp_path)) == str(tmp_path / 'curves.png')
+    assert matplotlib.get_backend() == 'svg'
+  finally:
+    matplotlib.use(before)
+  assert (tmp_path / 'curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -43,12 +43,13 @@ def read_metrics(workdir: str) -> dict[str, dict[int, float]]:
 def plot(runs: Sequence[tuple[str, str]], out: str, title: str = '',
          panels: Sequence[str] = ('train_loss', 'accuracy_test')) -> None:
   """One panel per metric of `panels`, one line per (label, workdir) of `runs`."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  # A bare Figure, not pyplot: no backend is chosen or changed (a notebook that
+  # trains keeps its inline figures) and no global figure state is touched.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   data = [(label, read_metrics(workdir)) for label, workdir in runs]
-  fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+  fig = Figure(figsize=(5.5 * len(panels), 4))
+  axes = fig.subplots(1, len(panels), squeeze=False)
   for ax, key in zip(axes[0], panels):
     for label, m in data:
       series = m.get(key, {})
@@ -66,7 +67,6 @@ def plot(runs: Sequence[tuple[str, str]], out: str, title: str = '',
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   fig.savefig(out, dpi=110)
-  plt.close(fig)
 
 
 def write_curves(workdir: str, label: str = '') -> str | None:
