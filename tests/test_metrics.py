@@ -87,7 +87,7 @@ def test_without_tensorboard_jsonl_and_one_warning(tmp_path, monkeypatch, caplog
   for name in ('tensorboard', 'tensorboard.compat.proto',
                'tensorboard.summary.writer.event_file_writer'):
     monkeypatch.setitem(sys.modules, name, None)  # import -> ImportError
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING, logger='absl'):  # whatever verbosity earlier tests left
     writer = metrics.metric_writer(str(tmp_path), True)
   assert writer is None
   warnings = [r for r in caplog.records if 'tensorboard is not installed' in r.getMessage()]
@@ -103,7 +103,7 @@ def test_without_tensorboard_jsonl_and_one_warning(tmp_path, monkeypatch, caplog
 def test_curves_without_matplotlib_skip_with_one_line(tmp_path, monkeypatch, caplog):
   (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "train_loss": 2.0}\n')
   monkeypatch.setitem(sys.modules, 'matplotlib', None)
-  with caplog.at_level(logging.WARNING):
+  with caplog.at_level(logging.WARNING, logger='absl'):  # whatever verbosity earlier tests left
     assert curves.write_curves(str(tmp_path)) is None
   assert [r.getMessage() for r in caplog.records if 'matplotlib' in r.getMessage()] == [
       'matplotlib is not installed: no curves.png (metrics.jsonl has the numbers).']
