@@ -5,60 +5,23 @@ r"""Training curves from workdirs' metrics.jsonl, as one PNG.
       "ResNet-56=workdirs/table1_resnet56_cifar10"
 
 Left: training loss (each logged point is the mean over its log interval);
-right: test accuracy at every evaluation. A line of metrics.jsonl may repeat
-a step after a resume; the later line counts, as in vit_jax/train.py.
+right: test accuracy at every evaluation; `--lr` adds the learning rate. A
+thin command line over vit_jax/curves.py, which also writes every run's own
+``<workdir>/curves.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
-import matplotlib
+if __package__ in (None, ''):  # python benchmarks/plot_curves.py from anywhere
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
+from vit_jax.curves import plot, read_metrics  # noqa: E402
 
-
-def read_metrics(workdir: str) -> dict[str, dict[int, float]]:
-  """{metric: {step: value}} from workdir/metrics.jsonl."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} not found: is {workdir!r} a training workdir?')
-  out: dict[str, dict[int, float]] = {}
-  with open(path) as f:
-    for line in f:
-      rec = json.loads(line)
-      for k, v in rec.items():
-        if k != 'step' and isinstance(v, (int, float)):
-          out.setdefault(k, {})[int(rec['step'])] = float(v)
-  return out
-
-
-def plot(runs: list[tuple[str, str]], out: str, title: str = '') -> None:
-  fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-  for label, workdir in runs:
-    m = read_metrics(workdir)
-    for ax, key in ((ax_loss, 'train_loss'), (ax_acc, 'accuracy_test')):
-      series = m.get(key, {})
-      steps = sorted(series)
-      if steps:
-        ax.plot(steps, [series[s] for s in steps], label=label,
-                marker='o' if key == 'accuracy_test' else None, markersize=3)
-  ax_loss.set(xlabel='step', ylabel='training loss', title='training loss')
-  ax_acc.set(xlabel='step', ylabel='test accuracy', title='test accuracy')
-  for ax in (ax_loss, ax_acc):
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # e.g. a run with no eval yet
-      ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
+__all__ = ['main', 'plot', 'read_metrics']
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('runs', nargs='+', help='LABEL=WORKDIR')
   parser.add_argument('--out', required=True, help='output .png')
   parser.add_argument('--title', default='')
+  parser.add_argument('--lr', action='store_true', help='add a learning-rate panel')
   args = parser.parse_args(argv)
   runs = []
   for spec in args.runs:
@@ -73,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if not sep:
       parser.error(f'expected LABEL=WORKDIR, got {spec!r}')
     runs.append((label, workdir))
+  panels = ('train_loss', 'accuracy_test') + (('lr',) if args.lr else ())
   try:
-    plot(runs, args.out, args.title)
+    plot(runs, args.out, args.title, panels)
   except FileNotFoundError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

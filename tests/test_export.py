@@ -62,9 +62,12 @@ def test_export_any_step_bit_identical(tmp_path, capsys):
   # CLI, latest step, default name from config.json
   (tmp_path / 'config.json').write_text('{"model_name": "ViT-Ti_16"}')
   assert export.main([f'--workdir={wd}']) == 0
-  assert 'exported step 7' in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert 'exported step 7' in out
+  assert 'no timm recipe: the image size is unknown' in out  # the reason, printed
   # The sidecar names the architecture, for fine-tuning without model_name.
-  assert checkpoint.read_sidecar(str(tmp_path / 'ViT-Ti_16.npz'))['hidden_size'] == 192
+  side = checkpoint.read_sidecar(str(tmp_path / 'ViT-Ti_16.npz'))
+  assert side['model']['hidden_size'] == 192
   _assert_same(checkpoint.flatten(checkpoint.load(str(tmp_path / 'ViT-Ti_16.npz'))), states[7]['params'])
   assert export.main([f'--workdir={wd}', '--step=3']) == 0  # an old step: its own file
   _assert_same(checkpoint.flatten(checkpoint.load(str(tmp_path / 'ViT-Ti_16_step3.npz'))),

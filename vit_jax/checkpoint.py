@@ -309,20 +309,28 @@ def sidecar_path(path: str) -> str:
   return (path[:-4] if path.endswith('.npz') else path) + '.json'
 
 
-def write_sidecar(path: str, model_config: Any) -> str:
-  """Writes the model config of checkpoint `path` to its sidecar `.json`."""
+def write_sidecar(path: str, model_config: Any, **fields: Any) -> str:
+  """Writes the sidecar `.json` of checkpoint `path`: {"model": model_config, **fields}.
+
+  `fields` are what `vit_jax.export.sidecar_record` adds: num_classes,
+  preprocessing, timm (or timm_unsupported).
+  """
   cfg = model_config.to_dict() if hasattr(model_config, 'to_dict') else dict(model_config)
-  text = json.dumps({'model': cfg}, indent=2, sort_keys=True, default=list) + '\n'
+  record = {'model': cfg, **fields}
+  text = json.dumps(record, indent=2, sort_keys=True, default=list) + '\n'
   out = sidecar_path(path)
   _write(out, text.encode())
   return out
 
 
 def read_sidecar(path: str) -> dict[str, Any] | None:
-  """The model config recorded next to checkpoint `path`, or None.
+  """The whole record next to checkpoint `path` ({"model": ..., ...}), or None.
 
-  A `.json` of another kind next to the file (no "model" object) is not ours
-  and is ignored.
+  Besides "model" (always there) a record may hold "num_classes",
+  "preprocessing" ({"image_size": [h, w], "pp_eval", "crop_fraction"}),
+  "timm" (the `timm.create_model` arguments) or "timm_unsupported" (why
+  not); older sidecars hold "model" only. A `.json` of another kind next to
+  the file (no "model" object) is not ours and is ignored.
   """
   side = sidecar_path(path)
   if _is_remote(side):
@@ -337,10 +345,12 @@ def read_sidecar(path: str) -> dict[str, Any] | None:
   else:
     return None
   try:
-    model = json.loads(text).get('model')
-  except (ValueError, AttributeError):
+    record = json.loads(text)
+  except ValueError:
     return None
-  return model if isinstance(model, dict) else None
+  if not isinstance(record, dict) or not isinstance(record.get('model'), dict):
+    return None
+  return record
 
 
 # ---------------------------------------------------------------------------
@@ -639,7 +649,7 @@ def infer_model(params_or_path: Mapping[str, Any] | str | os.PathLike,
     side = read_sidecar(path) if path else None
     if side is None:
       return None
-    cfg = ml_collections.ConfigDict(side)
+    cfg = ml_collections.ConfigDict(side['model'])
     diff = arch_diff(params, cfg)
     if diff:
       raise CheckpointError(

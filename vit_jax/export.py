@@ -20,15 +20,23 @@ read back to check that it is bit-identical; the sidecar ``<out minus .npz>.json
 records the architecture (from the workdir's config.json), so that
 ``--config.pretrained_path=<out>`` needs no model name.
 
-The file is also what timm's ViT loader reads, so it moves to PyTorch as is
-(``timm.create_model('vit_base_patch16_224', pretrained=True, num_classes=N,
-pretrained_cfg_overlay=dict(file='model.npz'))``, see the README).
+The file is also what timm's ViT loader reads, so it moves to PyTorch as is.
+The sidecar's ``timm`` entry holds the exact ``timm.create_model(**...)``
+arguments (`timm_recipe`: architecture, tanh GELU, pooling, class count,
+``custom_load=True`` for the ``.npz``); for what timm cannot represent
+faithfully (hybrids, ``pre_logits``, SPT/RPT tokenizers, LSA, non-1-D
+position embeddings, ...) it is null and ``timm_unsupported`` says why::
+
+  import json, timm
+  args = json.load(open('model.json'))['timm']   # written by this command
+  model = timm.create_model(**args).eval()       # run where model.npz lies
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -48,20 +56,188 @@ def raw_path(path: str) -> str:
 
 
 def write(path: str, params: Any, polyak: Any | None = None,
-          batch_stats: Any | None = None, model_config: Any = None) -> list[str]:
+          batch_stats: Any | None = None, model_config: Any = None,
+          preprocessing: Mapping[str, Any] | None = None) -> list[str]:
   """Writes trained params in the official layout; returns the files written.
 
   `path` gets the Polyak average when there is one (what the paper reports),
-  the raw params then going to `raw_path(path)`. `model_config` goes to the
-  sidecar `checkpoint.save` writes.
+  the raw params then going to `raw_path(path)`. With `model_config`, each
+  file gets its sidecar (`sidecar_record`): the architecture, the class
+  count, `preprocessing` (see `preprocessing_from_config`) and the timm recipe.
   """
   from vit_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from vit_jax.models import mpp  # pylint: disable=g-import-not-at-top
-  kw = dict(batch_stats=batch_stats, model_config=model_config)
-  if polyak is None:
-    return [checkpoint.save(mpp.export_params(params), path, **kw)]
-  return [checkpoint.save(mpp.export_params(polyak), path, **kw),
-          checkpoint.save(mpp.export_params(params), raw_path(path), **kw)]
+  files = [(path, polyak if polyak is not None else params)]
+  if polyak is not None:
+    files.append((raw_path(path), params))
+  for out, tree in files:
+    tree = mpp.export_params(tree)
+    checkpoint.save(tree, out, batch_stats=batch_stats)
+    if model_config is not None:
+      checkpoint.write_sidecar(out, model_config, **sidecar_record(
+          model_config, tree, preprocessing, file=os.path.basename(out)))
+  return [out for out, _ in files]
+
+
+# ---------------------------------------------------------------------------
+# The sidecar's extra fields, and the timm recipe.
+# ---------------------------------------------------------------------------
+
+# timm's registry entry whose constructor we call; every architecture argument
+# is given explicitly, so the name only picks the VisionTransformer class.
+TIMM_MODEL_NAME = 'vit_base_patch16_224'
+# Model-config keys that change nothing timm has to reproduce.
+_TIMM_NEUTRAL_KEYS = {'model_name', 'model_type', 'patches', 'hidden_size', 'transformer',
+                      'classifier', 'representation_size', 'resnet', 'posemb', 'tokenizer',
+                      'head_bias_init', 'dtype', 'attention', 'remat'}
+_TIMM_NEUTRAL_TRANSFORMER_KEYS = {'mlp_dim', 'num_heads', 'num_layers', 'dropout_rate',
+                                  'attention_dropout_rate', 'locality_attention'}
+
+
+class TimmUnsupported(ExportError):
+  """timm's VisionTransformer cannot reproduce this model; the message says why."""
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+  """`key` of a dict or ConfigDict (None -> default)."""
+  if cfg is None:
+    return default
+  try:
+    value = cfg[key]
+  except (KeyError, TypeError, AttributeError):
+    value = getattr(cfg, key, default)
+  return default if value is None else value
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+  return cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {})
+
+
+def _size2(size: Any) -> tuple[int, int]:
+  return (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(s) for s in size)
+
+
+def timm_unsupported(model_config: Any) -> str | None:
+  """Why timm's VisionTransformer cannot reproduce `model_config`, or None."""
+  mc = _as_dict(model_config)
+  t = _as_dict(mc.get('transformer'))
+  if _get(mc, 'model_type', 'vit') != 'vit':
+    return f'model_type {mc["model_type"]!r} is not a ViT'
+  if mc.get('resnet'):
+    return 'hybrid (ResNet + ViT) models are not exported to timm'
+  if mc.get('representation_size'):
+    return ("the model has a pre_logits layer (representation_size="
+            f"{mc['representation_size']}), which timm's loader silently drops")
+  if mc.get('tokenizer'):
+    return (f"timm has no {_get(mc['tokenizer'], 'type', '?')!r} tokenizer "
+            '(shifted/rotated patch tokenization)')
+  if t.get('locality_attention'):
+    return 'timm has no locality self-attention (LSA: learned temperature, diagonal mask)'
+  if _get(mc, 'posemb', 'learn') != 'learn':
+    return (f"timm's ViT has only learned 1-D position embeddings, not posemb="
+            f"{mc['posemb']!r}")
+  classifier = _get(mc, 'classifier', 'token')
+  if classifier not in ('token', 'gap'):
+    return f'classifier {classifier!r} has no timm VisionTransformer equivalent'
+  extra = sorted(set(mc) - _TIMM_NEUTRAL_KEYS) + sorted(
+      f'transformer.{k}' for k in set(t) - _TIMM_NEUTRAL_TRANSFORMER_KEYS)
+  if extra:
+    return f'model config keys timm knows nothing of: {", ".join(extra)}'
+  d, mlp = int(mc['hidden_size']), int(t['mlp_dim'])
+  if int(d * (mlp / d)) != mlp:
+    return f'timm cannot express mlp_dim {mlp} as int(hidden_size {d} * mlp_ratio)'
+  return None
+
+
+def timm_recipe(model_config: Any, num_classes: int, image_size: Any, *,
+                file: str | None = None, pp_eval: str = 'resize',
+                crop_fraction: float = 0.875) -> dict[str, Any]:
+  """The exact ``timm.create_model(**recipe)`` arguments for `model_config`.
+
+  The result builds timm's VisionTransformer with our architecture (tanh
+  GELU, LayerNorm eps 1e-6, and for `gap` no class token and the final norm
+  before pooling: `fc_norm=False`) and `num_classes` outputs, and with `file`
+  (an exported ``.npz``) loads it through timm's own ``.npz`` reader
+  (``custom_load=True``; without it timm treats the file as a torch
+  checkpoint). The overlay also gives timm's data config our eval
+  preprocessing: inputs in [-1, 1], bilinear squash resize (+ central crop for
+  ``resize_crop``). Raises TimmUnsupported with the reason when timm cannot
+  reproduce the model.
+  """
+  why = timm_unsupported(model_config)
+  if why:
+    raise TimmUnsupported(why)
+  mc = _as_dict(model_config)
+  t = mc['transformer']
+  h, w = _size2(image_size)
+  gap = _get(mc, 'classifier', 'token') == 'gap'
+  recipe = {
+      'model_name': TIMM_MODEL_NAME,
+      'pretrained': file is not None,
+      'img_size': [h, w],
+      'patch_size': list(_size2(_get(mc['patches'], 'size'))),
+      'embed_dim': int(mc['hidden_size']),
+      'depth': int(t['num_layers']),
+      'num_heads': int(t['num_heads']),
+      'mlp_ratio': int(t['mlp_dim']) / int(mc['hidden_size']),
+      'qkv_bias': True,
+      'act_layer': 'gelu_tanh',  # flax nn.gelu is the tanh approximation
+      'class_token': not gap,
+      'global_pool': 'avg' if gap else 'token',
+      'fc_norm': False,  # ours: encoder_norm, then pool (timm's gap default differs)
+      'num_classes': int(num_classes or 0),
+  }
+  if file is not None:
+    squash = pp_eval in ('resize', 'resize_crop')
+    recipe['pretrained_cfg_overlay'] = {
+        'file': file, 'custom_load': True, 'num_classes': int(num_classes or 0),
+        'input_size': [3, h, w], 'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5],
+        'interpolation': 'bilinear',
+        'crop_pct': float(crop_fraction) if pp_eval == 'resize_crop' else 1.0,
+        'crop_mode': 'squash' if squash else 'center'}
+  return recipe
+
+
+def preprocessing_from_config(config: Any) -> dict[str, Any] | None:
+  """{'image_size': [h, w], 'pp_eval', 'crop_fraction'} of a training config, or None."""
+  size = _get(config, 'image_size')
+  if not size:
+    return None
+  pp = _get(config, 'pp', {})
+  return {'image_size': list(_size2(size)), 'pp_eval': _get(pp, 'eval', 'resize'),
+          'crop_fraction': float(_get(pp, 'crop_fraction', 0.875))}
+
+
+def sidecar_record(model_config: Any, params: Any,
+                   preprocessing: Mapping[str, Any] | None = None,
+                   file: str | None = None) -> dict[str, Any]:
+  """The sidecar's fields besides "model": num_classes, preprocessing, timm.
+
+  The class count and a `pre_logits` Dense are read off `params`; the image
+  size from `preprocessing`, else from the position embeddings. `file`: the
+  ``.npz`` name the timm recipe loads (relative to the sidecar's directory).
+  """
+  from vit_jax import checkpoint, hub  # pylint: disable=g-import-not-at-top
+  info = checkpoint.describe(params)
+  num_classes = info.get('num_classes')
+  record: dict[str, Any] = {'num_classes': num_classes}
+  if preprocessing:
+    record['preprocessing'] = dict(preprocessing)
+  mc = _as_dict(model_config)
+  if info.get('representation_size') and not mc.get('representation_size'):
+    mc['representation_size'] = info['representation_size']
+  why = timm_unsupported(mc)
+  size = (preprocessing or {}).get('image_size')
+  if not why and not size:
+    size = hub.trained_image_size(params, mc)
+    if not size:
+      why = 'the image size is unknown (no training config, no square position grid)'
+  if why:
+    return dict(record, timm=None, timm_unsupported=why)
+  pp = preprocessing or {}
+  return dict(record, timm=timm_recipe(
+      mc, num_classes, size, file=file, pp_eval=pp.get('pp_eval', 'resize'),
+      crop_fraction=pp.get('crop_fraction', 0.875)))
 
 
 def _flat(tree: Any) -> dict[str, np.ndarray]:
@@ -81,7 +257,17 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[int, str]:
     step, variables = wd.restore(step)
   except WorkdirError as e:
     raise ExportError(str(e)) from None
-  write(out, variables['params'], variables.get('polyak'), variables.get('batch_stats'))
+  # The sidecar: fine-tuning and predict take the architecture from it.
+  model_config = preprocessing = None
+  if wd.is_run():
+    import ml_collections  # pylint: disable=g-import-not-at-top
+
+    from vit_jax import config_schema  # pylint: disable=g-import-not-at-top
+    config = wd.config()
+    model_config = config_schema.model_config(ml_collections.ConfigDict(config))
+    preprocessing = preprocessing_from_config(config)
+  write(out, variables['params'], variables.get('polyak'), variables.get('batch_stats'),
+        model_config=model_config, preprocessing=preprocessing)
   back = checkpoint.load_variables(out)
   written = {'params': mpp.export_params(variables.get('polyak') or variables['params'])}
   if 'batch_stats' in variables:
@@ -92,13 +278,6 @@ def export(workdir: str, out: str, step: int | None = None) -> tuple[int, str]:
                  not np.array_equal(want[k], got[k]))
     if bad or set(got) != set(want):
       raise ExportError(f'{out} does not load back identically ({name}: {bad[:5]}...).')
-  # The sidecar: fine-tuning and predict take the architecture from it.
-  if wd.is_run():
-    import ml_collections  # pylint: disable=g-import-not-at-top
-
-    from vit_jax import config_schema  # pylint: disable=g-import-not-at-top
-    checkpoint.write_sidecar(out, config_schema.model_config(
-        ml_collections.ConfigDict(wd.config())))
   return step, out
 
 
@@ -137,6 +316,11 @@ def main(args: cli.Args) -> None:
   n = sum(np.size(v) for v in _flat(checkpoint.load(out)).values())
   print(f'exported step {step} of {args.workdir}: {n:,} parameters -> {out} '
         f'({os.path.getsize(out) / 2**20:.1f} MiB), verified bit-identical on reload')
+  side = checkpoint.read_sidecar(out)
+  if side is not None:
+    print(f'sidecar {checkpoint.sidecar_path(out)}: ' + (
+        'timm.create_model(**sidecar["timm"]) loads it in PyTorch' if side.get('timm')
+        else f'no timm recipe: {side.get("timm_unsupported")}'))
 
 
 if __name__ == '__main__':

@@ -20,9 +20,20 @@ Workdir layout (others rely on it):
   <model_name>.npz     final params in the official layout (`checkpoint.load`);
                        the Polyak average when config.polyak_decay is set
   <model_name>_raw.npz the raw final params, only with config.polyak_decay
+  <model_name>.json    its sidecar (checkpoint.read_sidecar): model config,
+                       num_classes, eval preprocessing, timm.create_model
+                       arguments or why there are none (export.sidecar_record)
   labels.txt           class names, one per line, in label order
-  events.out.tfevents* TensorBoard scalars (train_loss, lr, accuracy_test,
-                       loss_test, img_sec_core_train, ...)
+  test_files.txt       the held-out test images of a stratified folder split
+  final_metrics.json   the final eval (and its step)
+  run_info.json        dtype, platform, device kind and count, jax version
+  metrics.jsonl        every logged scalar, one JSON object per line; after a
+                       resume a step may repeat (the later line counts)
+  events.out.tfevents* TensorBoard scalars, plain simple_value (train_loss,
+                       lr, accuracy_test, loss_test, img_sec_core_train, ...),
+                       when tensorboard is installed (vit_jax.metrics)
+  curves.png           train loss, test accuracy and lr vs step, at the end
+                       of the run, when matplotlib is installed (vit_jax.curves)
 
 Differences from the original on purpose: the first update has a nonzero lr
 and the logged lr is the one the step used; eval scores every test example;
@@ -49,7 +60,9 @@ from absl import logging
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import config_schema, evaluators, hub
+from vit_jax import curves as curves_lib
 from vit_jax import export as export_lib
+from vit_jax import metrics as metrics_lib
 from vit_jax import models, optim, sharding
 from vit_jax import train_step as train_step_lib
 from vit_jax import workdir as workdir_lib
@@ -222,47 +235,6 @@ def _put(tree: PyTree, shardings: PyTree) -> PyTree:
   return jax.tree.map(one, tree, shardings)
 
 
-class _Throughput:
-  """Images/sec of training only: compilation, eval and checkpoints excluded."""
-
-  def __init__(self):
-    self.steps = self.total_steps = 0
-    self.time = self.total_time = 0.0
-    self._t = None
-
-  def start(self):
-    self._t = time.perf_counter()
-
-  def pause(self):
-    if self._t is not None:
-      dt = time.perf_counter() - self._t
-      self.time += dt
-      self.total_time += dt
-      self._t = None
-
-  def tick(self):
-    self.steps += 1
-    self.total_steps += 1
-
-  def window(self) -> tuple[float, float]:
-    """(steps/sec since the last call, steps/sec over the whole run)."""
-    self.pause()
-    rate = (self.steps / self.time if self.time > 0 and self.steps
-            else float('nan'))
-    total = (self.total_steps / self.total_time
-             if self.total_time > 0 and self.total_steps else float('nan'))
-    self.steps, self.time = 0, 0.0
-    self.start()
-    return rate, total
-
-
-def _fmt_time(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return '?'
-  seconds = int(seconds)
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
 class _DropOrbaxChatter:
   """Drops orbax's INFO lines (one per file written); keeps its warnings."""
 
@@ -274,48 +246,6 @@ def quiet_orbax_logs() -> None:
   absl_logger = logging.get_absl_logger()
   if not any(isinstance(f, _DropOrbaxChatter) for f in absl_logger.filters):
     absl_logger.addFilter(_DropOrbaxChatter())
-
-
-class MetricLog:
-  """clu writer (TensorBoard + log) plus `metrics.jsonl` for quick plots.
-
-  After a resume the steps between the last checkpoint and the crash appear
-  twice in metrics.jsonl; the later line is the one that counts.
-  """
-
-  def __init__(self, writer, jsonl_path: str | None):
-    self._writer = writer
-    self._path = jsonl_path
-
-  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
-    if self._writer is not None:
-      self._writer.write_scalars(step, scalars)
-    if self._path:
-      with open(self._path, 'a') as f:
-        f.write(json.dumps({'step': int(step),
-                            **{k: float(v) for k, v in scalars.items()}}) + '\n')
-
-  def flush(self) -> None:
-    if self._writer is not None:
-      self._writer.flush()
-
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-
-
-def _metric_writer(workdir: str, is_main: bool):
-  """clu's TensorBoard writer (process 0), or None (other processes, or no TensorFlow)."""
-  # pylint: disable=g-import-not-at-top
-  try:
-    from clu import metric_writers
-  except ImportError:  # clu's writers import TensorFlow.
-    logging.warning('TensorFlow is not installed: no TensorBoard events; '
-                    'metrics go to metrics.jsonl and the log lines.')
-    return None
-  # TensorBoard only: the console gets one line per log step from the loop
-  # (clu's logging writer printed each of them a second time).
-  return metric_writers.SummaryWriter(workdir) if is_main else None
 
 
 def write_run_info(workdir: str, model: Any) -> None:
@@ -414,7 +344,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   accepted_changes = workdir_lib.check_config_drift(config, workdir)
   check_pretrained_available(config)  # Fail in seconds, before any data work.
   workdir_lib.remove_stale_exports(workdir)
-  # TensorFlow comes in with the data and clu's TensorBoard writer: slow
+  # TensorFlow comes in with the data: slow
   # imports, so only after the quick checks.
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
@@ -425,8 +355,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   total_steps = config.total_steps
   log_every = config.get('log_every', 10) or 10
   ckpt_every = config.get('checkpoint_every') or 0
-  writer = MetricLog(_metric_writer(workdir, is_main),
-                     os.path.join(workdir, 'metrics.jsonl') if is_main else None)
+  writer = metrics_lib.MetricLog(metrics_lib.metric_writer(workdir, is_main),
+                                 os.path.join(workdir, 'metrics.jsonl') if is_main else None)
 
   # ========================= Mesh =========================
   mesh = sharding.make_mesh(config.get('mesh'))
@@ -543,7 +473,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   history: list[dict[str, float]] = []
   pending: list[tuple[int, dict]] = []
   last_saved = latest
-  meter = _Throughput()
+  meter = metrics_lib.Throughput()
   batch_size = config.batch_size
   guard = DivergenceGuard(num_classes)
 
@@ -601,7 +531,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                '/core)' if math.isfinite(rate) else 'img/s after compilation')
       logging.info('step %d/%d | train_loss %.4f | lr %.2e | %s | ETA %s', step,
                    total_steps, scalars['train_loss'], scalars['lr'], speed,
-                   _fmt_time(eta) + (f' (with the {steps_after} steps of the scratch '
+                   metrics_lib.fmt_time(eta) + (f' (with the {steps_after} steps of the scratch '
                                      'baseline)' if steps_after else ''))
 
     due = [e for e in evals if e.every and step % e.every == 0 and step != total_steps]
@@ -640,10 +570,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   polyak = sharding.to_host(state['polyak']) if 'polyak' in state else None
   export_path = wd.export_path(model_name=mc.model_name)
   if is_main:
-    export_lib.write(export_path, params, polyak, batch_stats, model_config=mc)
+    export_lib.write(export_path, params, polyak, batch_stats, model_config=mc,
+                     preprocessing=export_lib.preprocessing_from_config(config))
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
       json.dump(dict(final, step=total_steps), f, indent=2)
     logging.info('Exported the trained params to %s.', export_path)
+    curves_lib.write_curves(workdir)  # curves.png: loss, test accuracy, lr
   manager.close()
   writer.close()
   final['step'] = total_steps
