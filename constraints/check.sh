@@ -25,7 +25,7 @@ import importlib.metadata as md
 import sys
 print('python', sys.version.split()[0])
 for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'scipy',
-             'pillow', 'matplotlib', 'ml_collections', 'tensorflow-cpu', 'tensorboard',
+             'pillow', 'matplotlib', 'ml_collections', 'absl-py', 'tensorflow-cpu', 'tensorboard',
              'tensorflow-datasets', 'tensorflow-metadata', 'protobuf', 'clu',
              'scikit-learn', 'pytest'):
   try:
