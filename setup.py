@@ -17,11 +17,11 @@ Version ranges: floors are the versions of constraints/lowest.txt, proven
 together by `constraints/check.sh lowest`; constraints/newest.txt is the newest
 set proven (README, "Tested versions"). Caps policy: libraries that break their
 API in minor releases (jax, flax, optax, orbax, TensorFlow and TensorBoard,
-which move in lockstep with TF) are capped one minor version ahead of the newest
-tested one; libraries that keep their API across minor releases (numpy, scipy,
-pillow, matplotlib, scikit-learn, ml_collections, TFDS) are capped at their next
-major version only, and pillow not at all (its image API has been stable for a
-decade).
+which moves in lockstep with TF) are capped one minor version ahead of the
+newest tested one; libraries that keep their API across minor releases (numpy,
+scipy, matplotlib, scikit-learn, ml_collections, TFDS) are capped at their next major
+version only, and pillow and absl-py not at all (the parts used here have been
+stable for a decade).
 """
 
 from setuptools import find_packages, setup

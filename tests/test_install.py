@@ -100,14 +100,16 @@ def core_python(tmp_path_factory) -> pathlib.Path:
   probe = tmp_path_factory.mktemp('pypi_probe')
   venv = _cache() / f'core_venv_py{sys.version_info.major}{sys.version_info.minor}'
   python = venv / 'bin' / 'python'
-  if python.exists() and _run([python, '-c', 'import tensorflow']).returncode == 0:
+  if python.exists() and (_run([python, '-m', 'pip', '--version']).returncode != 0
+                          or _run([python, '-c', 'import tensorflow']).returncode == 0):
     import shutil
-    shutil.rmtree(venv)  # somebody installed TensorFlow there: start over
+    shutil.rmtree(venv)  # half-made, or somebody installed TensorFlow there: start over
   if not python.exists():
     p = _run([sys.executable, '-m', 'venv', venv])
     assert p.returncode == 0, p.stderr
   # Reachability of the package index pip is configured for (PyPI or a mirror).
-  p = _run([python, '-m', 'pip', 'download', '-q', '--no-deps', '-d', probe, 'six'], timeout=180)
+  p = _run([python, '-m', 'pip', 'download', '-q', '--no-deps', '--retries=1', '--timeout=20',
+            '-d', probe, 'six'], timeout=180)
   if p.returncode != 0:
     pytest.skip(f'PyPI is unreachable (pip download six: {_last_line(p) or p.stdout.strip()[-200:]})')
   p = _run([python, '-m', 'pip', 'install', '-q', '-e', REPO], timeout=1200)
