@@ -196,6 +196,37 @@ def test_written_files_of_every_format_match_tensorflow(tmp_path, tf_eval):
   print(f'{len(files)} written files identical; max abs preprocessing difference {worst:.3g}')
 
 
+def test_large_jpegs_dct_scaled_as_evaluation_decodes_them(tmp_path, tf_eval):
+  """read_image(path, min_side) = input_pipeline.decode_image(data, min_side): 1/2, 1/4, 1/8 scale."""
+  tf = pytest.importorskip('tensorflow')
+  from vit_jax import input_pipeline
+  files = {}
+  for sub in ('4:4:4', '4:2:2', '4:2:0'):
+    for h, w in ((300, 200), (257, 517)):
+      path = tmp_path / f'{sub.replace(":", "")}_{h}x{w}.jpg'
+      Image.fromarray(_photo(h, w, seed=h)).save(path, quality=85, subsampling=sub)
+      files[path.name] = path
+  Image.fromarray(_photo(264, 200)[..., 0]).save(tmp_path / 'grey.jpg', quality=85)
+  files['grey.jpg'] = tmp_path / 'grey.jpg'
+  buf = io.BytesIO()
+  Image.fromarray(_photo(200, 264)).save(buf, 'JPEG', quality=85, subsampling='4:2:2')
+  (tmp_path / '440.jpg').write_bytes(_to_h1v2(buf.getvalue()))
+  files['440.jpg'] = tmp_path / '440.jpg'
+  Image.fromarray(_photo(300, 200)).save(tmp_path / 'big.png')
+  files['big.png'] = tmp_path / 'big.png'
+  scales = set()
+  for path in files.values():
+    for min_side in (None, 16, 30, 60, 100):
+      theirs = input_pipeline.decode_image(tf.io.read_file(str(path)), min_side).numpy()
+      ours = images.read_image(str(path), min_side)
+      np.testing.assert_array_equal(ours, theirs, err_msg=f'{path.name} min_side={min_side}')
+      scales.add(round(max(Image.open(path).size) / max(ours.shape[:2])))
+  assert scales == {1, 2, 4, 8}, scales  # every DCT scale was exercised
+  batch, raw = images.load_images([str(files['big.png']), str(files['420_300x200.jpg'])], 'resize', 8,
+                                  min_side=images.DCT_MIN_SIDE * 8)
+  assert batch.shape == (2, 8, 8, 3) and raw[0].shape == (300, 200, 3) and raw[1].shape == (75, 50, 3)
+
+
 def test_alpha_dropped_and_greyscale_expanded(tmp_path):
   rgba = _photo(6, 7, 4)
   Image.fromarray(rgba).save(tmp_path / 'a.png')

@@ -35,6 +35,10 @@ from vit_jax.dataset_info import IMAGE_EXTENSIONS
 # size / crop_fraction, then take the central crop), as in Inception/ResNet eval.
 CROP_FRACTION = 0.875
 EVAL_PP = ('resize', 'resize_crop')
+# Evaluation on folder datasets decodes a JPEG whose shorter side is at least
+# 2, 4 or 8 times DCT_MIN_SIDE * image_size at 1/2, 1/4 or 1/8 size (libjpeg's
+# DCT scaling, see input_pipeline.decode_image); `min_side` below does the same.
+DCT_MIN_SIDE = 4
 
 
 class ImageError(ValueError):
@@ -64,11 +68,14 @@ def collect_images(paths: Sequence[str]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, min_side: int | None = None) -> np.ndarray:
   """Reads an image file as uint8 (H, W, 3), pixel for pixel as `tf.io.decode_image`.
 
   Greyscale is expanded to 3 channels, alpha dropped, a GIF gives its first
-  frame. Raises ImageError naming the file and the reason if it cannot be used.
+  frame. With `min_side`, a JPEG is decoded at the smallest DCT scale (1, 1/2,
+  1/4, 1/8) that keeps its shorter side >= min_side, as
+  `input_pipeline.decode_image(data, min_side)`. Raises ImageError naming the
+  file and the reason if it cannot be used.
   """
   try:
     with open(path, 'rb') as f:
@@ -76,20 +83,22 @@ def read_image(path: str) -> np.ndarray:
   except OSError as e:
     raise ImageError(f'Cannot read image file {path!r}: {e.strerror or e}.') from None
   try:
-    return decode_image(data)
+    return decode_image(data, min_side)
   except ImageError as e:
     raise ImageError(f'Cannot decode image file {path!r}: {e}.') from None
 
 
-def decode_image(data: bytes) -> np.ndarray:
-  """Encoded image bytes -> uint8 (H, W, 3). Raises ImageError with the reason."""
+def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
+  """Encoded image bytes -> uint8 (H, W, 3) (see read_image). Raises ImageError with the reason."""
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   if not data:
     raise ImageError('empty file (0 bytes)')
   try:
     im = Image.open(io.BytesIO(data))
     if im.format == 'JPEG':
-      image = _decode_jpeg(im)
+      short = min(im.size)
+      ratio = max([1] + [r for r in (2, 4, 8) if min_side and short >= r * min_side])
+      image = _decode_jpeg(im, ratio)
     else:
       image = _decode_other(im)
   except UnidentifiedImageError:
@@ -134,13 +143,20 @@ def _jpeg_colorspace(im) -> str:
   return 'RGB' if ids == (ord('R'), ord('G'), ord('B')) else 'YCbCr'
 
 
-def _decode_jpeg(im) -> np.ndarray:
-  """A JPEG as TensorFlow decodes it: fast IDCT, fancy upsampling, libjpeg's colour maths."""
+def _decode_jpeg(im, ratio: int = 1) -> np.ndarray:
+  """A JPEG as TensorFlow decodes it: fast IDCT, fancy upsampling, libjpeg's colour maths.
+
+  `ratio` (1, 2, 4, 8): decode at 1/ratio size by libjpeg's DCT scaling.
+  """
   space = _jpeg_colorspace(im)
-  if space == 'YCbCr':
-    im.draft('YCbCr', None)  # the decoder then leaves the samples in YCbCr
+  width, height = im.size
+  # draft() picks the DCT scale from the size: exactly `ratio` for this one.
+  im.draft('YCbCr' if space == 'YCbCr' else None,  # YCbCr: keep the decoded samples
+           None if ratio == 1 else (width // ratio, height // ratio))
   # Draft mode: libjpeg's fast integer IDCT (TensorFlow's default), box upsampling.
-  im.decoderconfig = (1, 1)
+  im.decoderconfig = (ratio, 1)
+  if space == 'YCbCr' and im.mode != 'YCbCr':  # draft() declined: Pillow's own decode
+    return np.asarray(im.convert('RGB'))
   planes = np.asarray(im)
   if space == 'L':
     return np.repeat(planes[..., None], 3, axis=-1)
@@ -149,12 +165,23 @@ def _decode_jpeg(im) -> np.ndarray:
   max_h = max(layer[1] for layer in im.layer)
   max_v = max(layer[2] for layer in im.layer)
   height, width = planes.shape[:2]
+  min_size = 8 // ratio  # libjpeg's min_DCT_scaled_size
   channels = []
   for c, (_, h_samp, v_samp, _) in enumerate(im.layer):
     plane = planes[..., c].astype(np.int32)
-    channels.append(_fancy_upsample(plane, max_h // h_samp, max_v // v_samp, width, height))
+    # libjpeg upsamples a subsampled component by a larger IDCT where it can
+    # (jdmaster.c); what is left is done by the upsampler, fancily only when
+    # the IDCT is larger than 1x1 (jdsample.c).
+    size = min_size
+    while (size < 8 and (max_h * min_size) % (h_samp * size * 2) == 0
+           and (max_v * min_size) % (v_samp * size * 2) == 0):
+      size *= 2
+    h_ratio, v_ratio = max_h * min_size // (h_samp * size), max_v * min_size // (v_samp * size)
+    if min_size > 1:
+      plane = _fancy_upsample(plane, h_ratio, v_ratio, width, height)
+    channels.append(plane)
   out = np.stack(channels, axis=-1)
-  return _ycc_to_rgb(out) if space == 'YCbCr' else out
+  return _ycc_to_rgb(out) if space == 'YCbCr' else out.astype(np.uint8)
 
 
 def _fancy_upsample(plane: np.ndarray, h_ratio: int, v_ratio: int, width: int, height: int) -> np.ndarray:
@@ -282,9 +309,14 @@ def eval_preprocess(image: np.ndarray, pp_eval: str, size: int | Sequence[int],
 
 
 def load_images(paths: Sequence[str], pp_eval: str, size: int | Sequence[int],
-                crop_fraction: float = CROP_FRACTION) -> tuple[np.ndarray, list[np.ndarray]]:
-  """(float32 (N, h, w, 3) in [-1, 1], the raw uint8 images) for `paths`."""
-  raw = [read_image(p) for p in paths]
+                crop_fraction: float = CROP_FRACTION, min_side: int | None = None
+                ) -> tuple[np.ndarray, list[np.ndarray]]:
+  """(float32 (N, h, w, 3) in [-1, 1], the raw uint8 images) for `paths`.
+
+  `min_side=DCT_MIN_SIDE * image_size` decodes large JPEGs as evaluation on a
+  folder dataset does (`read_image`); None decodes every file at full size.
+  """
+  raw = [read_image(p, min_side) for p in paths]
   batch = [eval_preprocess(image, pp_eval, size, crop_fraction) for image in raw]
   h, w = _size2(size)
   if not batch:

@@ -70,7 +70,7 @@ except ImportError:
   raise ImportError("vit_jax.input_pipeline needs TensorFlow: pip install 'vit_jax[train]'") from None
 
 from vit_jax import checkpoint, preprocess
-from vit_jax.images import CROP_FRACTION
+from vit_jax.images import CROP_FRACTION, DCT_MIN_SIDE
 from vit_jax.dataset_info import IMAGE_EXTENSIONS, DatasetInfo
 
 # Keep TensorFlow off any accelerator: JAX owns them.
@@ -564,10 +564,10 @@ def _eval_positions(n: int, padded: int) -> tf.data.Dataset:
 # ----------------------------------------------------------------------------
 
 
-# JPEGs whose shorter side is at least this many times image_size are decoded
-# at 1/2, 1/4 or 1/8 size by libjpeg's DCT scaling (cheaper, far less memory:
-# a 8000x8000 photo for 384px training decodes as 2000x2000, 12 MB not 192 MB).
-DCT_MIN_SIDE = 4
+# JPEGs whose shorter side is at least 2, 4 or 8 times DCT_MIN_SIDE * image_size
+# (images.DCT_MIN_SIDE = 4) are decoded at 1/2, 1/4 or 1/8 size by libjpeg's DCT
+# scaling (cheaper, far less memory: a 8000x8000 photo for 384px training
+# decodes as 2000x2000, 12 MB not 192 MB).
 
 
 def decode_image(encoded: tf.Tensor, min_side: int | None = None) -> tf.Tensor:
