@@ -93,6 +93,7 @@ def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   if not data:
     raise ImageError('empty file (0 bytes)')
+  im = None
   try:
     im = Image.open(io.BytesIO(data))
     if im.format == 'JPEG':
@@ -103,8 +104,10 @@ def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
       image = _decode_other(im)
   except UnidentifiedImageError:
     raise ImageError('not an image file (JPEG, PNG, GIF, BMP or WebP expected)') from None
+  except Image.DecompressionBombError as e:
+    raise ImageError(f'too large to decode safely ({e})') from None
   except (OSError, SyntaxError, ValueError, EOFError) as e:
-    kind = im.format if 'im' in locals() and im.format else 'image'
+    kind = im.format if im is not None and im.format else 'image'
     raise ImageError(f'truncated or corrupt {kind} ({e})') from None
   return np.ascontiguousarray(image, dtype=np.uint8)
 
@@ -124,7 +127,7 @@ def _decode_other(im) -> np.ndarray:
     # 16-bit greyscale PNG: libpng's strip_16, as TensorFlow, keeps the high byte.
     grey = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
     return np.repeat(grey[..., None], 3, axis=-1)
-  if im.mode in ('1', 'L', 'LA', 'La', 'I', 'F'):
+  if im.mode in ('1', 'L', 'LA', 'La', 'F'):
     return np.repeat(np.asarray(im.convert('L'))[..., None], 3, axis=-1)
   return np.asarray(im.convert('RGB'))
 
