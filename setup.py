@@ -1,11 +1,32 @@
 """vit_jax: fine-tune, train and study Vision Transformers in JAX/Flax.
 
-Version ranges are the ones tested together (see README, "Tested versions").
-Accelerators: `pip install -e '.[cuda13]'` (or cuda12, tpu) installs jax's own
-accelerator extra at the pinned jax range.
+Two layers of dependencies (README, "Installing"):
+
+  pip install -e .            core: models, checkpoints (load, convert, inspect),
+                              download, predict, analysis, export, benchmark.
+                              No TensorFlow: installs wherever jax does
+                              (Apple Silicon, aarch64, the newest Python).
+  pip install -e '.[train]'   adds what training and evaluation on real data
+                              need: tf.data, TFDS, TensorBoard.
+  pip install -e '.[test]'    everything above plus the test tools.
+
+Accelerators: `pip install -e '.[train,cuda13]'` (or cuda12, tpu) installs
+jax's own accelerator extra at the pinned jax range.
+
+Version ranges: floors are the versions of constraints/lowest.txt, proven
+together by `constraints/check.sh lowest`; constraints/newest.txt is the newest
+set proven (README, "Tested versions"). Caps policy: libraries that break their
+API in minor releases (jax, flax, optax, orbax, TensorFlow and TensorBoard,
+which moves in lockstep with TF) are capped one minor version ahead of the
+newest tested one; libraries that keep their API across minor releases (numpy,
+scipy, matplotlib, scikit-learn, ml_collections, TFDS) are capped at their next major
+version only, and pillow and absl-py not at all (the parts used here have been
+stable for a decade).
 """
 
 from setuptools import find_packages, setup
+
+JAX = 'jax>=0.10.0,<0.11'
 
 setup(
     name='vit_jax',
@@ -17,28 +38,40 @@ setup(
     python_requires='>=3.11',   # jax 0.10's own floor.
     packages=find_packages(include=['vit_jax', 'vit_jax.*']),
     install_requires=[
-        'jax>=0.10.0,<0.11',
+        JAX,
         'flax>=0.12.0,<0.13',
         'optax>=0.2.5,<0.3',
         'orbax-checkpoint>=0.12.0,<0.13',
-        'clu>=0.0.12,<0.1',
         'ml_collections>=1.0,<2',
-        'numpy>=1.26,<3',
-        'scipy>=1.11,<2',
-        'tensorflow-cpu>=2.18,<2.22',
-        'tensorflow-datasets>=4.9.7,<5',
-        'tensorboard>=2.18,<2.22',
-        'importlib_resources',
+        'absl-py>=1.0',       # flags and logging of the command-line tools.
+        'numpy>=2.0,<3',      # 2.0: jax 0.10's floor.
+        'scipy>=1.14,<2',     # 1.14: jax 0.10's floor.
+        # Image reading and eval preprocessing for predict/analysis
+        # (vit_jax/images.py, TensorFlow-free).
         'pillow>=10',
-        'scikit-learn>=1.3,<2',
-        'matplotlib>=3.8,<4',
+        # Core, not [train]: analysis draws its attention maps and plots with it.
+        'matplotlib>=3.9,<4',
     ],
     extras_require={
+        # Training and evaluation on real data: the tf.data input pipeline,
+        # TFDS datasets, TensorBoard summaries (clu's writer).
+        'train': [
+            # 2.20: 2.18 needs ml-dtypes < 0.5 (jax 0.10: >= 0.5), 2.19's
+            # decode_image cannot read WebP (folder datasets accept it).
+            'tensorflow-cpu>=2.20,<2.22',
+            'tensorboard>=2.20,<2.22',
+            'tensorflow-datasets>=4.9.7,<5',
+            'clu>=0.0.12,<0.1',
+            # [train], not core: only the 'digits' training dataset loads from it.
+            'scikit-learn>=1.5,<2',
+        ],
         # jax's accelerator extras, at the jax range above.
         'cuda12': ['jax[cuda12]>=0.10.0,<0.11'],
         'cuda13': ['jax[cuda13]>=0.10.0,<0.11'],
         'tpu': ['jax[tpu]>=0.10.0,<0.11'],
+        # The tests exercise everything, training included.
         'test': [
+            'vit_jax[train]',
             'pytest>=8,<10',
             'nbclient>=0.10,<0.12',
             'nbformat>=5.9,<6',

@@ -18,6 +18,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from vit_jax.images import CROP_FRACTION
+
 IMAGENET21K_DIR = 'gs://vit_models/imagenet21k'
 AUGREG_DIR = 'gs://vit_models/augreg'
 
@@ -78,7 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.skip_bad_images = False  # Image folders: train without undecodable files.
   c.image_size = 384
   c.pp = ml_collections.ConfigDict({'train': 'inception_crop', 'eval': 'resize',
-                                        'crop_fraction': 0.875})
+                                        'crop_fraction': CROP_FRACTION})
   c.shuffle_buffer = 50_000
   c.prefetch = 2
   c.seed = 0

@@ -6,8 +6,10 @@ parameter tree equals that tree, loading is an unflatten plus two fix-ups:
 key prefixes (``opt/target/``, ``params/``) and GroupNorm arrays stored as
 (1, 1, 1, C). ``python -m vit_jax.checkpoint PATH`` describes a file.
 
-No TensorFlow at import time: ``gs://`` paths go through ``tf.io.gfile``,
-imported only when such a path is used.
+No TensorFlow at import time: official names and URLs download without it
+(vit_jax.download); other remote (``gs://``, ...) paths go through
+``tf.io.gfile``, imported only when such a path is used, which needs the
+``[train]`` extra (`_gfile`).
 """
 
 from __future__ import annotations
@@ -114,10 +116,25 @@ def local_path(path: str) -> str:
     raise CheckpointError(str(e)) from None
 
 
+def _gfile(path: str):
+  """tf.io.gfile, for a remote path that is not an official checkpoint.
+
+  Without TensorFlow (a core install): a one-line CheckpointError naming the extra.
+  """
+  try:
+    from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise CheckpointError(
+        f"{path}: remote paths other than official checkpoints go through TensorFlow's "
+        "tf.io.gfile: pip install 'vit_jax[train]', or copy the file and pass its local path."
+    ) from None
+  return gfile
+
+
 def _read_bytes(path: str) -> bytes:
   path = local_path(path)
   if _is_remote(path):
-    from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+    gfile = _gfile(path)
     try:
       with gfile.GFile(path, 'rb') as f:
         return f.read()
@@ -274,7 +291,7 @@ def save(params: Mapping[str, Any], path: str,
 def _write(path: str, data: bytes) -> None:
   """Atomic for local paths (temp file + rename); gs:// through tf.io.gfile."""
   if _is_remote(path):
-    from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+    gfile = _gfile(path)
     with gfile.GFile(path, 'wb') as f:
       f.write(data)
     return
@@ -334,7 +351,7 @@ def read_sidecar(path: str) -> dict[str, Any] | None:
   """
   side = sidecar_path(path)
   if _is_remote(side):
-    from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+    gfile = _gfile(side)
     if not gfile.exists(side):
       return None
     with gfile.GFile(side, 'rb') as f:

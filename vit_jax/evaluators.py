@@ -34,6 +34,7 @@ import numpy as np
 
 from vit_jax import config_schema, optim, sharding
 from vit_jax.config_schema import ConfigError
+from vit_jax.images import CROP_FRACTION
 from vit_jax.linear_probe import (DEFAULT_L2_REGS, DEFAULT_SHOTS, FewShotError, ShotResult,
                                   fewshot_accuracies, results_to_metrics, sample_shots)
 
@@ -134,7 +135,7 @@ class ClassificationEvaluator:
 _DEFAULTS = {
     'train_split': 'train', 'test_split': 'test', 'shots': DEFAULT_SHOTS, 'seeds': (0, 1, 2),
     'l2_regs': DEFAULT_L2_REGS, 'representation': 'pre_logits', 'pool': 'auto',
-    'batch_size': 64, 'pp_eval': 'resize', 'crop_fraction': 0.875, 'tfds_data_dir': None,
+    'batch_size': 64, 'pp_eval': 'resize', 'crop_fraction': CROP_FRACTION, 'tfds_data_dir': None,
     'name': None, 'standardize': 'feature', 'per_l2': False, 'every': 0,
 }
 
@@ -224,7 +225,7 @@ class FewShotEvaluator:
   [(1, 5, 10, 25)], seeds [(0, 1, 2)], l2_regs [powers of 4, 1/4..16384],
   representation ['pre_logits'; any sown layer, e.g. 'encoder_out' or
   'Transformer/block_outputs/5'], pool ['auto'], batch_size [64], pp_eval
-  ['resize'], crop_fraction [0.875], tfds_data_dir, name [from dataset],
+  ['resize'], crop_fraction [images.CROP_FRACTION], tfds_data_dir, name [from dataset],
   standardize ['feature'], per_l2 [False: also log every penalty], every
   [steps; 0: only at the end of training].
 

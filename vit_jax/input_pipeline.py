@@ -40,7 +40,7 @@ examples (the original dropped the remainder, ~3% of CIFAR-10 test).
 Config keys read here (defaults in brackets): dataset, tfds_data_dir [None],
 tfds_download [True], tfds_in_memory_max [300_000], train_split, test_split,
 num_classes [dataset's], image_size, pp.train ['inception_crop'],
-pp.eval ['resize'], pp.crop_fraction [0.875], pp.rotation_factor [0.02],
+pp.eval ['resize'], pp.crop_fraction [images.CROP_FRACTION = 0.875], pp.rotation_factor [0.02],
 pp.zoom_factor [0.2], shuffle_buffer [50_000, streaming only], seed [0],
 batch_size, batch_size_eval [batch_size], prefetch [2], data_threads [None = TF's
 default; an int caps tf.data's private thread pool].
@@ -64,9 +64,13 @@ import numpy as np
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-import tensorflow as tf
+try:
+  import tensorflow as tf
+except ImportError:
+  raise ImportError("vit_jax.input_pipeline needs TensorFlow: pip install 'vit_jax[train]'") from None
 
 from vit_jax import checkpoint, preprocess
+from vit_jax.images import CROP_FRACTION, DCT_MIN_SIDE
 from vit_jax.dataset_info import IMAGE_EXTENSIONS, DatasetInfo
 
 # Keep TensorFlow off any accelerator: JAX owns them.
@@ -380,7 +384,10 @@ def _npz_source(path: str, split: str) -> Source:
 
 
 def _tfds_source(name: str, split: str, data_dir: str | None, download: bool, in_memory_max: int) -> Source:
-  import tensorflow_datasets as tfds
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError:
+    raise ImportError(f"TFDS dataset {name!r} needs tensorflow-datasets: pip install 'vit_jax[train]'") from None
 
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -557,10 +564,10 @@ def _eval_positions(n: int, padded: int) -> tf.data.Dataset:
 # ----------------------------------------------------------------------------
 
 
-# JPEGs whose shorter side is at least this many times image_size are decoded
-# at 1/2, 1/4 or 1/8 size by libjpeg's DCT scaling (cheaper, far less memory:
-# a 8000x8000 photo for 384px training decodes as 2000x2000, 12 MB not 192 MB).
-DCT_MIN_SIDE = 4
+# JPEGs whose shorter side is at least 2, 4 or 8 times DCT_MIN_SIDE * image_size
+# (images.DCT_MIN_SIDE = 4) are decoded at 1/2, 1/4 or 1/8 size by libjpeg's DCT
+# scaling (cheaper, far less memory: a 8000x8000 photo for 384px training
+# decodes as 2000x2000, 12 MB not 192 MB).
 
 
 def decode_image(encoded: tf.Tensor, min_side: int | None = None) -> tf.Tensor:
@@ -874,7 +881,7 @@ def make_eval_iter(
   source = _source(config, split or config.test_split)
   _check_classes(config, source)
   eval_fn = preprocess.get_eval_fn(
-      _pp(config, 'eval', 'resize'), config.image_size, crop_fraction=float(_pp(config, 'crop_fraction', 0.875))
+      _pp(config, 'eval', 'resize'), config.image_size, crop_fraction=float(_pp(config, 'crop_fraction', CROP_FRACTION))
   )
   if not source.num_examples:
     raise ValueError(f'Cannot evaluate on {source.description}: its size is unknown or zero.')

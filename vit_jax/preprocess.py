@@ -33,7 +33,13 @@ from collections.abc import Callable, Sequence
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-import tensorflow as tf
+try:
+  import tensorflow as tf
+except ImportError:
+  raise ImportError("vit_jax.preprocess needs TensorFlow: pip install 'vit_jax[train]' "
+                    '(vit_jax.images has the eval preprocessing without it).') from None
+
+from vit_jax.images import CROP_FRACTION
 
 TRAIN_PP = ('inception_crop', 'rpt_augment', 'resize')
 EVAL_PP = ('resize', 'resize_crop')
@@ -270,7 +276,7 @@ def get_train_fn(
 
 
 def get_eval_fn(
-    name: str, size: int | Sequence[int], *, crop_fraction: float = 0.875
+    name: str, size: int | Sequence[int], *, crop_fraction: float = CROP_FRACTION
 ) -> Callable[[tf.Tensor], tf.Tensor]:
   """Returns fn(image_uint8 (H, W, 3)) -> float32 (h, w, 3) in [-1, 1]; deterministic."""
   if name == 'resize':
