@@ -22,7 +22,8 @@ What decides what:
   preset with the file's parameter tree (`checkpoint.infer_model`).
 * The resolution and eval preprocessing: `image_size=` if given, else the
   training run's (a workdir, or a file inside one: its config.json), else
-  the resolution the position embeddings were trained at, with 'resize'.
+  the file's sidecar's (exports record them), else the resolution the
+  position embeddings were trained at, with 'resize'.
 * The class names: `labels=`, else the run's labels.txt, else the file's
   `<name>.labels.txt`. At any
   other resolution the position embeddings are resized as for fine-tuning
@@ -40,10 +41,10 @@ import numpy as np
 
 from vit_jax import checkpoint as ckpt
 from vit_jax import config_schema, models
+from vit_jax.images import CROP_FRACTION
 from vit_jax.models import vit
 from vit_jax.workdir import Workdir, WorkdirError, read_labels
 
-CROP_FRACTION = 0.875  # pp.crop_fraction's default: the central 87.5% (Inception's).
 
 
 class HubError(ValueError):
@@ -184,9 +185,11 @@ def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
   if is_vit:
     mc.representation_size = info.get('representation_size')
 
-  pp = config.get('pp') or {}
+  # The run's eval preprocessing; for a file outside a run, its sidecar's.
+  side = {} if config else ((ckpt.read_sidecar(source) or {}).get('preprocessing') or {})
+  pp = config.get('pp') or {'eval': side.get('pp_eval'), 'crop_fraction': side.get('crop_fraction')}
   trained = trained_image_size(params, mc) if is_vit else None
-  size = image_size or config.get('image_size') or trained
+  size = image_size or config.get('image_size') or side.get('image_size') or trained
   if not size:
     raise HubError(f'Cannot tell the input resolution of {source}: pass image_size.')
   size = _size2(size)

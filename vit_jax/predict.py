@@ -22,7 +22,6 @@ Models load through :func:`vit_jax.hub.load`; :func:`load_images` and
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +30,7 @@ import numpy as np
 from absl import flags
 
 from vit_jax import cli, hub
-from vit_jax.dataset_info import IMAGE_EXTENSIONS
+from vit_jax import images as images_lib
 
 
 class PredictError(ValueError):
@@ -45,49 +44,32 @@ class PredictError(ValueError):
 
 def collect_images(paths: Sequence[str]) -> list[str]:
   """Expands directories (recursively, sorted) into image files."""
-  out = []
-  for p in paths:
-    if os.path.isdir(p):
-      for root, dirs, files in os.walk(p):
-        dirs.sort()
-        out.extend(os.path.join(root, f) for f in sorted(files)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
-    elif os.path.isfile(p):
-      out.append(p)
-    else:
-      raise PredictError(f'{p!r} is neither an image file nor a directory.')
-  if not out:
-    raise PredictError(f'No image files ({", ".join(IMAGE_EXTENSIONS)}) found in {list(paths)}.')
-  return out
+  try:
+    return images_lib.collect_images(paths)
+  except images_lib.ImageError as e:
+    raise PredictError(str(e)) from None
 
 
-def load_images(paths: Sequence[str], bundle: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+def load_images(paths: Sequence[str], model: hub.Model) -> tuple[np.ndarray, list[np.ndarray]]:
   """(preprocessed float32 (N, H, W, 3) in [-1, 1], raw uint8 images).
 
-  Decoding and preprocessing are the training pipeline's own functions.
+  The training eval path's pixels without TensorFlow (vit_jax.images): the
+  model's `pp_eval`, resolution and `crop_fraction`, and large JPEGs decoded
+  at reduced DCT scale exactly as folder-dataset evaluation decodes them.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-  from vit_jax import input_pipeline, preprocess  # pylint: disable=g-import-not-at-top
-  eval_fn = preprocess.get_eval_fn(bundle.pp_eval, bundle.image_size,
-                                   crop_fraction=bundle.crop_fraction)
-  batch, raw = [], []
-  for path in paths:
-    try:
-      image = input_pipeline.decode_image(tf.io.read_file(path))
-    except tf.errors.OpError as e:
-      reason = (e.message or str(e)).strip().splitlines()[0]
-      raise PredictError(f'Cannot decode image file {path!r}: {reason}.') from None
-    raw.append(image.numpy())
-    batch.append(eval_fn(image).numpy())
-  return np.stack(batch).astype(np.float32), raw
+  size = model.image_size
+  try:
+    return images_lib.load_images(paths, model.pp_eval, size, model.crop_fraction,
+                              min_side=images_lib.DCT_MIN_SIDE * min(size))
+  except images_lib.ImageError as e:
+    raise PredictError(str(e)) from None
 
 
 def _missing() -> str:
   from vit_jax import models  # pylint: disable=g-import-not-at-top
-  raise PredictError('Pass --workdir=DIR, or --checkpoint=PATH.npz or an official name [--model=NAME, '
-                     f'one of: {", ".join(sorted(models.MODEL_CONFIGS))}; default: the '
-                     "checkpoint's own, from its sidecar .json or its parameter shapes].")
+  raise PredictError('Pass --workdir=DIR, or --checkpoint=PATH.npz or an official name '
+                     f'[--model=NAME, one of: {", ".join(sorted(models.MODEL_CONFIGS))}; default: '
+                     "the checkpoint's own, from its sidecar .json or its parameter shapes].")
 
 
 # ---------------------------------------------------------------------------
