@@ -113,7 +113,7 @@ def test_baseline_needs_a_pretrained_checkpoint():
   config = tiny_config()
   config.pretrained_path = 'x.npz'
   config.scratch_baseline = 3  # e.g. --config.scratch_baseline=3 in a config file
-  with pytest.raises(train.ConfigError, match='scratch_baseline must be None or a ConfigDict'):
+  with pytest.raises(train.ConfigError, match='scratch_baseline must be ConfigDict or dict or None'):
     train.validate_config(config)
 
 

@@ -324,12 +324,9 @@ def test_crop_fraction_default_lives_in_images_only():
 
   from vit_jax import preprocess
   assert inspect.signature(preprocess.get_eval_fn).parameters['crop_fraction'].default == images.CROP_FRACTION
-  # predict, fewshot and hub are being rewritten onto images.py (issue #14);
-  # they are held to this once that lands.
-  pending = {'predict.py', 'fewshot.py', 'hub.py'}
   offenders = []
   for path in sorted([*(REPO / 'vit_jax').rglob('*.py'), *(REPO / 'configs').rglob('*.py')]):
-    if path.name == 'images.py' or path.name in pending:
+    if path.name == 'images.py':
       continue
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, ast.Constant) and node.value == 0.875:

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO, SUBPROCESS_ENV
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import input_pipeline as ip
-from vit_jax import hub, models, predict, train
+from vit_jax import hub, models, train
 
 SHIPPED = REPO / 'checkpoints' / 'SmallViT_8-tiny_imagenet-32px.npz'
 # Three classes a pre-trained model tells apart at once: red, green, blue.
@@ -335,7 +335,3 @@ def test_no_preset_fixes_the_class_count():
   assert finetune_shipped.get_config('cifar10').num_classes is None
   assert scratch.get_config('vit_ti,cifar10').num_classes is None
   assert common.with_dataset(common.get_config(), 'oxford_iiit_pet').num_classes is None
-
-
-def test_extensions_agree():
-  assert predict.IMAGE_EXTENSIONS == ip.IMAGE_EXTENSIONS

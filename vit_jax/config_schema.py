@@ -62,7 +62,8 @@ KEYS: tuple[tuple[str, tuple[type, ...] | None, str], ...] = (
     ('image_size', _INT, 'training and eval resolution (paper: 384 for fine-tuning)'),
     ('pp.train', _STR, "'inception_crop' | 'rpt_augment' | 'resize'"),
     ('pp.eval', _STR, "'resize' | 'resize_crop'"),
-    ('pp.crop_fraction', _NUM, "'resize_crop' keeps this central fraction (default 0.875)"),
+    ('pp.crop_fraction', _NUM, "'resize_crop' keeps this central fraction "
+     '(default images.CROP_FRACTION)'),
     ('seed', _INT, 'parameter init, dropout and data order'),
     ('shuffle_buffer', _INT + _NONE, 'streamed (TFDS) data only'),
     ('batch_size', _INT, 'global batch size'),
@@ -145,10 +146,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'config.{key} must be {names}, got '
                         f'{type(value).__name__} {value!r}.')
   baseline = config.get('scratch_baseline')
-  if baseline is not None:
-    if not isinstance(baseline, (ml_collections.ConfigDict, dict)):
-      raise ConfigError('config.scratch_baseline must be None or a ConfigDict '
-                        f'of overrides, got {type(baseline).__name__} {baseline!r}.')
+  if baseline is not None:  # Its type: checked with the other KEYS above.
     if not pretrained_path(config):
       raise ConfigError('config.scratch_baseline compares fine-tuning with '
                         'training from scratch: set config.pretrained_path.')

@@ -43,6 +43,7 @@ import numpy as np
 from absl import flags
 
 from vit_jax import cli
+from vit_jax.images import CROP_FRACTION
 from vit_jax.workdir import Workdir, WorkdirError
 
 class ExportError(ValueError):
@@ -151,7 +152,7 @@ def timm_unsupported(model_config: Any) -> str | None:
 
 def timm_recipe(model_config: Any, num_classes: int, image_size: Any, *,
                 file: str | None = None, pp_eval: str = 'resize',
-                crop_fraction: float = 0.875) -> dict[str, Any]:
+                crop_fraction: float = CROP_FRACTION) -> dict[str, Any]:
   """The exact ``timm.create_model(**recipe)`` arguments for `model_config`.
 
   The result builds timm's VisionTransformer with our architecture (tanh
@@ -205,7 +206,7 @@ def preprocessing_from_config(config: Any) -> dict[str, Any] | None:
     return None
   pp = _get(config, 'pp', {})
   return {'image_size': list(_size2(size)), 'pp_eval': _get(pp, 'eval', 'resize'),
-          'crop_fraction': float(_get(pp, 'crop_fraction', 0.875))}
+          'crop_fraction': float(_get(pp, 'crop_fraction', CROP_FRACTION))}
 
 
 def sidecar_record(model_config: Any, params: Any,
@@ -237,7 +238,7 @@ def sidecar_record(model_config: Any, params: Any,
   pp = preprocessing or {}
   return dict(record, timm=timm_recipe(
       mc, num_classes, size, file=file, pp_eval=pp.get('pp_eval', 'resize'),
-      crop_fraction=pp.get('crop_fraction', 0.875)))
+      crop_fraction=pp.get('crop_fraction', CROP_FRACTION)))
 
 
 def _flat(tree: Any) -> dict[str, np.ndarray]:
