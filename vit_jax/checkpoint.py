@@ -27,6 +27,7 @@ import numpy as np
 import scipy.ndimage
 
 from vit_jax import cli
+from vit_jax.models import vit
 
 PREFIXES = ('opt/target/', 'params/')
 DOWNLOAD_HINT = (
@@ -447,7 +448,6 @@ def fit_position_embeddings(restored: Mapping[str, Any], expected: Mapping[str, 
   columns) for non-square grids. Entries that already fit, or that differ in
   more than the token count, are left for `shape_diff` to report.
   """
-  from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
   out = dict(restored)
   if POSEMB_KEY in out and POSEMB_KEY in expected:
     old, new = np.asarray(out[POSEMB_KEY]), tuple(np.shape(expected[POSEMB_KEY]))
@@ -493,7 +493,7 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
   """
   restored = flatten(load(pretrained_path))
   expected = flatten(init_params)
-  representation_size = _getattr(model_config, 'representation_size')
+  representation_size = vit.config_value(model_config, 'representation_size')
 
   if representation_size is None:
     restored = {k: v for k, v in restored.items() if not k.startswith('pre_logits/')}
@@ -514,14 +514,6 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
                                   unflatten(restored), model_config, diff))
   out = {k: np.asarray(v, dtype=np.asarray(expected[k]).dtype) for k, v in restored.items()}
   return unflatten(out)
-
-
-def _getattr(cfg: Any, key: str, default: Any = None) -> Any:
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(key, default)
-  return getattr(cfg, key, default)
 
 
 # ---------------------------------------------------------------------------
@@ -590,7 +582,7 @@ def arch_diff(params: Mapping[str, Any], model_config: Any) -> list[str]:
   is_head = lambda k: k.split('/')[0] in ('head', 'head_dist')
   got = {k: v for k, v in got.items() if not is_head(k)}
   want = {k: v for k, v in want.items() if not is_head(k)}
-  if _getattr(model_config, 'representation_size') is None:
+  if vit.config_value(model_config, 'representation_size') is None:
     got = {k: v for k, v in got.items() if not k.startswith('pre_logits/')}
   for shapes in (got, want):
     for key in (POSEMB_KEY, *POSEMB_2D_KEYS):
@@ -637,7 +629,7 @@ def _misfit(what: str, path: str | None, params: Mapping[str, Any], model_config
     names = []
   hint = (f': a {names[0]}. Drop config.model_name (and config.model) to take the '
           'architecture from the checkpoint' if names else '')
-  return (f'{what} does not fit the model {_getattr(model_config, "model_name") or "model"}; '
+  return (f'{what} does not fit the model {vit.config_value(model_config, "model_name") or "model"}; '
           f'it is another architecture{hint}.\n' + '\n'.join(diff))
 
 

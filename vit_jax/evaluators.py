@@ -35,6 +35,7 @@ import numpy as np
 from vit_jax import config_schema, optim, sharding
 from vit_jax.config_schema import ConfigError
 from vit_jax.images import CROP_FRACTION
+from vit_jax.models.vit import config_value
 from vit_jax.linear_probe import (DEFAULT_L2_REGS, DEFAULT_SHOTS, FewShotError, ShotResult,
                                   fewshot_accuracies, results_to_metrics, sample_shots)
 
@@ -141,8 +142,7 @@ _DEFAULTS = {
 
 
 def _cfg(config: Any, key: str) -> Any:
-  value = config.get(key, None) if hasattr(config, 'get') else getattr(config, key, None)
-  return _DEFAULTS.get(key) if value is None else value
+  return config_value(config, key, _DEFAULTS.get(key))
 
 
 def flat_intermediates(state: Mapping[str, Any]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from absl import flags
 
 from vit_jax import cli
 from vit_jax.images import CROP_FRACTION
+from vit_jax.models.vit import config_value
 from vit_jax.workdir import Workdir, WorkdirError
 
 class ExportError(ValueError):
@@ -99,17 +100,6 @@ class TimmUnsupported(ExportError):
   """timm's VisionTransformer cannot reproduce this model; the message says why."""
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  """`key` of a dict or ConfigDict (None -> default)."""
-  if cfg is None:
-    return default
-  try:
-    value = cfg[key]
-  except (KeyError, TypeError, AttributeError):
-    value = getattr(cfg, key, default)
-  return default if value is None else value
-
-
 def _as_dict(cfg: Any) -> dict[str, Any]:
   return cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {})
 
@@ -122,7 +112,7 @@ def timm_unsupported(model_config: Any) -> str | None:
   """Why timm's VisionTransformer cannot reproduce `model_config`, or None."""
   mc = _as_dict(model_config)
   t = _as_dict(mc.get('transformer'))
-  if _get(mc, 'model_type', 'vit') != 'vit':
+  if config_value(mc, 'model_type', 'vit') != 'vit':
     return f'model_type {mc["model_type"]!r} is not a ViT'
   if mc.get('resnet'):
     return 'hybrid (ResNet + ViT) models are not exported to timm'
@@ -130,14 +120,14 @@ def timm_unsupported(model_config: Any) -> str | None:
     return ("the model has a pre_logits layer (representation_size="
             f"{mc['representation_size']}), which timm's loader silently drops")
   if mc.get('tokenizer'):
-    return (f"timm has no {_get(mc['tokenizer'], 'type', '?')!r} tokenizer "
+    return (f"timm has no {config_value(mc['tokenizer'], 'type', '?')!r} tokenizer "
             '(shifted/rotated patch tokenization)')
   if t.get('locality_attention'):
     return 'timm has no locality self-attention (LSA: learned temperature, diagonal mask)'
-  if _get(mc, 'posemb', 'learn') != 'learn':
+  if config_value(mc, 'posemb', 'learn') != 'learn':
     return (f"timm's ViT has only learned 1-D position embeddings, not posemb="
             f"{mc['posemb']!r}")
-  classifier = _get(mc, 'classifier', 'token')
+  classifier = config_value(mc, 'classifier', 'token')
   if classifier not in ('token', 'gap'):
     return f'classifier {classifier!r} has no timm VisionTransformer equivalent'
   extra = sorted(set(mc) - _TIMM_NEUTRAL_KEYS) + sorted(
@@ -171,12 +161,12 @@ def timm_recipe(model_config: Any, num_classes: int, image_size: Any, *,
   mc = _as_dict(model_config)
   t = mc['transformer']
   h, w = _size2(image_size)
-  gap = _get(mc, 'classifier', 'token') == 'gap'
+  gap = config_value(mc, 'classifier', 'token') == 'gap'
   recipe = {
       'model_name': TIMM_MODEL_NAME,
       'pretrained': file is not None,
       'img_size': [h, w],
-      'patch_size': list(_size2(_get(mc['patches'], 'size'))),
+      'patch_size': list(_size2(config_value(mc['patches'], 'size'))),
       'embed_dim': int(mc['hidden_size']),
       'depth': int(t['num_layers']),
       'num_heads': int(t['num_heads']),
@@ -201,12 +191,12 @@ def timm_recipe(model_config: Any, num_classes: int, image_size: Any, *,
 
 def preprocessing_from_config(config: Any) -> dict[str, Any] | None:
   """{'image_size': [h, w], 'pp_eval', 'crop_fraction'} of a training config, or None."""
-  size = _get(config, 'image_size')
+  size = config_value(config, 'image_size')
   if not size:
     return None
-  pp = _get(config, 'pp', {})
-  return {'image_size': list(_size2(size)), 'pp_eval': _get(pp, 'eval', 'resize'),
-          'crop_fraction': float(_get(pp, 'crop_fraction', CROP_FRACTION))}
+  pp = config_value(config, 'pp', {})
+  return {'image_size': list(_size2(size)), 'pp_eval': config_value(pp, 'eval', 'resize'),
+          'crop_fraction': float(config_value(pp, 'crop_fraction', CROP_FRACTION))}
 
 
 def sidecar_record(model_config: Any, params: Any,

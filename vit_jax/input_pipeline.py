@@ -72,6 +72,7 @@ except ImportError:
 from vit_jax import checkpoint, preprocess
 from vit_jax.images import CROP_FRACTION, DCT_MIN_SIDE
 from vit_jax.dataset_info import IMAGE_EXTENSIONS, DatasetInfo
+from vit_jax.models.vit import config_value
 
 # Keep TensorFlow off any accelerator: JAX owns them.
 try:
@@ -749,9 +750,7 @@ def _check_classes(config: Any, source: Source) -> None:
 
 
 def _pp(config: Any, key: str, default: Any) -> Any:
-  pp = config.get('pp') or {}
-  value = pp.get(key, None) if hasattr(pp, 'get') else None
-  return default if value is None else value
+  return config_value(config.get('pp'), key, default)
 
 
 def _finish(ds: tf.data.Dataset, batch: int, config: Any) -> tf.data.Dataset:

@@ -39,14 +39,19 @@ REMAT_POLICIES = ('full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
                   'nothing_saveable', 'everything_saveable')
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-  """Reads `key` from a dict, ConfigDict or None (the original passes both)."""
+def config_value(cfg: Any, key: str, default: Any = None) -> Any:
+  """`key` of a dict, ConfigDict or object (the original passes both); missing
+  or None gives `default`. The one such reader of the package."""
   if cfg is None:
     return default
   try:
-    return cfg[key]
-  except (KeyError, TypeError, AttributeError):
-    return getattr(cfg, key, default)
+    value = cfg[key]
+  except (KeyError, TypeError, AttributeError, IndexError):
+    value = getattr(cfg, key, None)
+  return default if value is None else value
+
+
+
 
 
 # Tokens before the patch tokens, per classifier: the class token, and DeiT's
@@ -57,16 +62,16 @@ PREFIX_TOKENS = {'token': 1, 'token_unpooled': 1, 'distill': 2}
 def num_prefix_tokens(model_config: Any) -> int:
   """Class (+ distillation) tokens of a model config, module or classifier name."""
   classifier = (model_config if isinstance(model_config, str) else
-                _get(model_config, 'classifier', 'token') or 'token')
+                config_value(model_config, 'classifier', 'token') or 'token')
   return PREFIX_TOKENS.get(classifier, 0)
 
 
 def token_stride(model_config: Any) -> tuple[int, int]:
   """Input pixels per patch token, (rows, columns): the patch size times the
   hybrid ResNet's downsampling (root conv /2, max-pool /2, every later stage /2)."""
-  ph, pw = tuple(_get(_get(model_config, 'patches'), 'size'))
-  resnet = _get(model_config, 'resnet')
-  s = 4 * 2 ** (len(tuple(_get(resnet, 'num_layers'))) - 1) if resnet else 1
+  ph, pw = tuple(config_value(config_value(model_config, 'patches'), 'size'))
+  resnet = config_value(model_config, 'resnet')
+  s = 4 * 2 ** (len(tuple(config_value(resnet, 'num_layers'))) - 1) if resnet else 1
   return ph * s, pw * s
 
 
@@ -450,12 +455,12 @@ class VisionTransformer(nn.Module):
 
     if self.resnet is not None:
       from vit_jax.models import resnet  # pylint: disable=g-import-not-at-top
-      x = resnet.backbone(x, num_layers=tuple(_get(self.resnet, 'num_layers')),
-                          width_factor=_get(self.resnet, 'width_factor', 1),
+      x = resnet.backbone(x, num_layers=tuple(config_value(self.resnet, 'num_layers')),
+                          width_factor=config_value(self.resnet, 'width_factor', 1),
                           dtype=self.dtype)
       self.sow('intermediates', 'backbone_features', x)
 
-    ph, pw = tuple(_get(self.patches, 'size'))
+    ph, pw = tuple(config_value(self.patches, 'size'))
     if self.tokenizer is None:
       x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID',
                   dtype=self.dtype, name='embedding')(x)
@@ -482,10 +487,10 @@ class VisionTransformer(nn.Module):
 
     t = self.transformer
     x = Encoder(
-        num_layers=_get(t, 'num_layers'), mlp_dim=_get(t, 'mlp_dim'),
-        num_heads=_get(t, 'num_heads'), dropout_rate=_get(t, 'dropout_rate', 0.),
-        attention_dropout_rate=_get(t, 'attention_dropout_rate', 0.),
-        locality_attention=bool(_get(t, 'locality_attention', False)),
+        num_layers=config_value(t, 'num_layers'), mlp_dim=config_value(t, 'mlp_dim'),
+        num_heads=config_value(t, 'num_heads'), dropout_rate=config_value(t, 'dropout_rate', 0.),
+        attention_dropout_rate=config_value(t, 'attention_dropout_rate', 0.),
+        locality_attention=bool(config_value(t, 'locality_attention', False)),
         posemb=self.posemb, grid=(h, w), num_prefix_tokens=num_prefix, dtype=self.dtype,
         attention=self.attention, remat=self.remat, name='Transformer')(x, train=train)
     self.sow('intermediates', 'encoder_out', x)
