@@ -51,9 +51,6 @@ def config_value(cfg: Any, key: str, default: Any = None) -> Any:
   return default if value is None else value
 
 
-
-
-
 # Tokens before the patch tokens, per classifier: the class token, and DeiT's
 # distillation token. The one source for every module that counts them.
 PREFIX_TOKENS = {'token': 1, 'token_unpooled': 1, 'distill': 2}
