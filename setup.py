@@ -18,7 +18,7 @@ together by `constraints/check.sh lowest`; constraints/newest.txt is the newest
 set proven (README, "Tested versions"). Caps policy: libraries that break their
 API in minor releases (jax, flax, optax, orbax, TensorFlow and TensorBoard,
 which moves in lockstep with TF) are capped one minor version ahead of the
-newest tested one; libraries that keep their API across minor releases (numpy,
+newest tested one (jax 0.10 tested: jax<0.12 lets next month's 0.11 in); libraries that keep their API across minor releases (numpy,
 scipy, matplotlib, scikit-learn, ml_collections, TFDS) are capped at their next major
 version only, and pillow and absl-py not at all (the parts used here have been
 stable for a decade).
@@ -26,7 +26,7 @@ stable for a decade).
 
 from setuptools import find_packages, setup
 
-JAX = 'jax>=0.10.0,<0.11'
+JAX_RANGE = '>=0.10.0,<0.12'
 
 setup(
     name='vit_jax',
@@ -38,10 +38,10 @@ setup(
     python_requires='>=3.11',   # jax 0.10's own floor.
     packages=find_packages(include=['vit_jax', 'vit_jax.*']),
     install_requires=[
-        JAX,
-        'flax>=0.12.0,<0.13',
-        'optax>=0.2.5,<0.3',
-        'orbax-checkpoint>=0.12.0,<0.13',
+        'jax' + JAX_RANGE,
+        'flax>=0.12.0,<0.14',
+        'optax>=0.2.5,<0.4',
+        'orbax-checkpoint>=0.12.0,<0.14',
         'ml_collections>=1.0,<2',
         'absl-py>=1.0',       # flags and logging of the command-line tools.
         'numpy>=2.0,<3',      # 2.0: jax 0.10's floor.
@@ -58,17 +58,17 @@ setup(
         'train': [
             # 2.20: 2.18 needs ml-dtypes < 0.5 (jax 0.10: >= 0.5), 2.19's
             # decode_image cannot read WebP (folder datasets accept it).
-            'tensorflow-cpu>=2.20,<2.22',
-            'tensorboard>=2.20,<2.22',
+            'tensorflow-cpu>=2.20,<2.23',
+            'tensorboard>=2.20,<2.23',
             'tensorflow-datasets>=4.9.7,<5',
             'clu>=0.0.12,<0.1',
             # [train], not core: only the 'digits' training dataset loads from it.
             'scikit-learn>=1.5,<2',
         ],
         # jax's accelerator extras, at the jax range above.
-        'cuda12': ['jax[cuda12]>=0.10.0,<0.11'],
-        'cuda13': ['jax[cuda13]>=0.10.0,<0.11'],
-        'tpu': ['jax[tpu]>=0.10.0,<0.11'],
+        'cuda12': ['jax[cuda12]' + JAX_RANGE],
+        'cuda13': ['jax[cuda13]' + JAX_RANGE],
+        'tpu': ['jax[tpu]' + JAX_RANGE],
         # The tests exercise everything, training included.
         'test': [
             'vit_jax[train]',
