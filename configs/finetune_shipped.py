@@ -52,9 +52,9 @@ def _data(name: str) -> dict:
           for k in ('dataset', 'train_split', 'test_split')}
 
 # Per dataset: data, resolution, augmentation, budget, fine-tuning lr (from
-# the paper's grid {0.001, 0.003, 0.01, 0.03}; only digits' was swept, with
-# `python -m vit_jax.sweep`: there was no CPU time for the CIFAR /
-# Tiny-ImageNet sweeps, whose 0.01 is untuned).
+# the paper's grid {0.001, 0.003, 0.01, 0.03}, picked on a dev split by
+# `python -m vit_jax.sweep` for digits and CIFAR-10; Tiny-ImageNet's 0.01 is
+# untuned: its sweep did not finish, docs/reproduction.md section 9).
 DATASETS = {
     'digits': {'dataset': 'digits', 'train_split': 'train', 'test_split': 'test',
                'image_size': 40,
@@ -65,7 +65,10 @@ DATASETS = {
                # lr 0.001 -> 0.625, 0.003 -> 0.813, 0.01 -> 0.924, 0.03 -> 0.972.
                'lr': 0.03, 'eval_every': 100},
     'cifar10': {**_data('cifar10'), 'image_size': 32, 'pp_train': 'rpt_augment',
-                'batch_size': 128, 'total_steps': 400, 'lr': 0.01, 'eval_every': 100},
+                'batch_size': 128, 'total_steps': 400,
+                # Swept on train[:98%] / dev train[98%:]: 0.001 -> 0.471,
+                # 0.003 -> 0.479, 0.01 -> 0.509, 0.03 -> 0.529.
+                'lr': 0.03, 'eval_every': 100},
     # $TINY_IMAGENET_DIR, as in configs/scratch.py.
     'tiny_imagenet': {**_data('tiny_imagenet'), 'image_size': 48,
                       'pp_train': 'rpt_augment', 'batch_size': 128, 'total_steps': 200,
@@ -75,7 +78,8 @@ DATASETS = {
 # Measured here (docs/reproduction.md): test accuracy after total_steps.
 MEASURED = {
     'digits': {'accuracy_test': 0.9777, 'accuracy_test_scratch': 0.9526},
-    'cifar10': {'accuracy_test': 0.5202, 'accuracy_test_scratch': 0.4045},
+    # lr 0.03 (the sweep's pick; 0.5202 with the earlier untuned 0.01).
+    'cifar10': {'accuracy_test': 0.5403, 'accuracy_test_scratch': 0.4045},
     'tiny_imagenet': {'accuracy_test': 0.1548, 'accuracy_test_scratch': 0.0316},
 }
 
