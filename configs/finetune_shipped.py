@@ -53,8 +53,7 @@ def _data(name: str) -> dict:
 
 # Per dataset: data, resolution, augmentation, budget, fine-tuning lr (from
 # the paper's grid {0.001, 0.003, 0.01, 0.03}, picked on a dev split by
-# `python -m vit_jax.sweep` for digits and CIFAR-10; Tiny-ImageNet's 0.01 is
-# untuned: its sweep did not finish, docs/reproduction.md section 9).
+# `python -m vit_jax.sweep`, docs/reproduction.md section 9).
 DATASETS = {
     'digits': {'dataset': 'digits', 'train_split': 'train', 'test_split': 'test',
                'image_size': 40,
@@ -72,7 +71,9 @@ DATASETS = {
     # $TINY_IMAGENET_DIR, as in configs/scratch.py.
     'tiny_imagenet': {**_data('tiny_imagenet'), 'image_size': 48,
                       'pp_train': 'rpt_augment', 'batch_size': 128, 'total_steps': 200,
-                      'lr': 0.01, 'eval_every': 100},
+                      # Swept on train[:98%] / dev train[98%:]: 0.001 -> 0.147,
+                      # 0.003 -> 0.151, 0.01 -> 0.166, 0.03 -> 0.195.
+                      'lr': 0.03, 'eval_every': 100},
 }
 
 # Measured here (docs/reproduction.md): test accuracy after total_steps.
@@ -80,7 +81,8 @@ MEASURED = {
     'digits': {'accuracy_test': 0.9777, 'accuracy_test_scratch': 0.9526},
     # lr 0.03 (the sweep's pick; 0.5202 with the earlier untuned 0.01).
     'cifar10': {'accuracy_test': 0.5403, 'accuracy_test_scratch': 0.4045},
-    'tiny_imagenet': {'accuracy_test': 0.1548, 'accuracy_test_scratch': 0.0316},
+    # lr 0.03 (the sweep's pick; 0.1548 with the earlier untuned 0.01).
+    'tiny_imagenet': {'accuracy_test': 0.1798, 'accuracy_test_scratch': 0.0316},
 }
 
 
