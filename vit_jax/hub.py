@@ -23,11 +23,11 @@ What decides what:
 * The resolution and eval preprocessing: `image_size=` if given, else the
   training run's (a workdir, or a file inside one: its config.json), else
   the file's sidecar's (exports record them), else the resolution the
-  position embeddings were trained at, with 'resize'.
-* The class names: `labels=`, else the run's labels.txt, else the file's
-  `<name>.labels.txt`. At any
-  other resolution the position embeddings are resized as for fine-tuning
+  position embeddings were trained at, with 'resize'. At any other
+  resolution the position embeddings are resized as for fine-tuning
   (`checkpoint.fit_position_embeddings`, the one resize).
+* The class names: `labels=`, else the run's labels.txt, else the file's
+  `<name>.labels.txt`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ from vit_jax import config_schema, models
 from vit_jax.images import CROP_FRACTION
 from vit_jax.models import vit
 from vit_jax.workdir import Workdir, WorkdirError, read_labels
-
 
 
 class HubError(ValueError):

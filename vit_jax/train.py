@@ -387,9 +387,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
 
   # ========================= Model =========================
   objective = objective_from_config(config)  # None: classification.
-  mc = model_config(config)
-  model = models.get_model(mc, num_classes=objective.num_outputs if objective else num_classes,
-                           dtype=config.get('dtype', 'auto'))
+  model, mc = hub.build(config, objective.num_outputs if objective else num_classes)
   teacher = hub.load_teacher(config, num_classes)
   write_run_info(workdir, model)
 

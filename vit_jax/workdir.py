@@ -43,6 +43,10 @@ STALE_AFTER_S = 600.0
 DIGEST_NAME = 'vit_jax_digest.json'
 DAMAGED_DIR = 'damaged_checkpoints'
 CHANGES_NAME = 'config_changes.jsonl'
+# The layout every reader relies on (`Workdir`).
+CONFIG_NAME = 'config.json'
+LABELS_NAME = 'labels.txt'
+CHECKPOINTS_DIR = 'checkpoints'
 
 # Config keys that change only how often things happen or where output goes,
 # not the trajectory of the weights: free to change on resume. Everything
@@ -270,7 +274,7 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]
 
 
 def has_checkpoint(workdir: str) -> bool:
-  d = _epath(workdir) / 'checkpoints'
+  d = _epath(workdir) / CHECKPOINTS_DIR
   return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
@@ -282,7 +286,7 @@ def check_config_drift(config: Any, workdir: str) -> dict[str, tuple[Any, Any]]:
   (`log_accepted_changes` records them). Cadence keys (CADENCE_KEYS) never
   count.
   """
-  path = _epath(workdir) / 'config.json'
+  path = _epath(workdir) / CONFIG_NAME
   if not (path.is_file() and has_checkpoint(workdir)):
     return {}
   old = json.loads(path.read_text())
@@ -314,9 +318,9 @@ def write_config(config: Any, workdir: str) -> None:
   """Writes config.json (atomically) once the launch is accepted."""
   if not _is_main():
     return
-  path = _epath(workdir) / 'config.json'
+  path = _epath(workdir) / CONFIG_NAME
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f'config.json.tmp-{os.getpid()}'
+  tmp = path.parent / f'{CONFIG_NAME}.tmp-{os.getpid()}'
   tmp.write_text(config_json(config))
   tmp.replace(path)
 
@@ -489,9 +493,6 @@ def remove_stale_exports(workdir: str) -> list[str]:
 # The layout, as readers see it.
 # ---------------------------------------------------------------------------
 
-CONFIG_NAME = 'config.json'
-LABELS_NAME = 'labels.txt'
-CHECKPOINTS_DIR = 'checkpoints'
 # Subtrees of the training state that exports and readers take.
 EXPORTED_KEYS = ('params', 'batch_stats', 'polyak')
 
