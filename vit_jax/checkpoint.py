@@ -667,8 +667,7 @@ def infer_model(params_or_path: Mapping[str, Any] | str | os.PathLike,
     return cfg, f'its sidecar {sidecar_path(path)}'
 
   if model is not None:
-    cfg = (presets.get_config(model) if isinstance(model, str)
-           else ml_collections.ConfigDict(model.to_dict() if hasattr(model, 'to_dict') else model))
+    cfg = presets.get_config(model)
     diff = arch_diff(params, cfg)
     if not diff:
       return cfg

@@ -43,7 +43,7 @@ import numpy as np
 from absl import flags
 
 from vit_jax import cli
-from vit_jax.images import CROP_FRACTION
+from vit_jax.images import CROP_FRACTION, hw
 from vit_jax.models.vit import config_value
 from vit_jax.workdir import Workdir, WorkdirError
 
@@ -104,10 +104,6 @@ def _as_dict(cfg: Any) -> dict[str, Any]:
   return cfg.to_dict() if hasattr(cfg, 'to_dict') else dict(cfg or {})
 
 
-def _size2(size: Any) -> tuple[int, int]:
-  return (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(s) for s in size)
-
-
 def timm_unsupported(model_config: Any) -> str | None:
   """Why timm's VisionTransformer cannot reproduce `model_config`, or None."""
   mc = _as_dict(model_config)
@@ -160,13 +156,13 @@ def timm_recipe(model_config: Any, num_classes: int, image_size: Any, *,
     raise TimmUnsupported(why)
   mc = _as_dict(model_config)
   t = mc['transformer']
-  h, w = _size2(image_size)
+  h, w = hw(image_size)
   gap = config_value(mc, 'classifier', 'token') == 'gap'
   recipe = {
       'model_name': TIMM_MODEL_NAME,
       'pretrained': file is not None,
       'img_size': [h, w],
-      'patch_size': list(_size2(config_value(mc['patches'], 'size'))),
+      'patch_size': list(hw(config_value(mc['patches'], 'size'))),
       'embed_dim': int(mc['hidden_size']),
       'depth': int(t['num_layers']),
       'num_heads': int(t['num_heads']),
@@ -195,7 +191,7 @@ def preprocessing_from_config(config: Any) -> dict[str, Any] | None:
   if not size:
     return None
   pp = config_value(config, 'pp', {})
-  return {'image_size': list(_size2(size)), 'pp_eval': config_value(pp, 'eval', 'resize'),
+  return {'image_size': list(hw(size)), 'pp_eval': config_value(pp, 'eval', 'resize'),
           'crop_fraction': float(config_value(pp, 'crop_fraction', CROP_FRACTION))}
 
 

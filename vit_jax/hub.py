@@ -41,7 +41,7 @@ import numpy as np
 
 from vit_jax import checkpoint as ckpt
 from vit_jax import config_schema, models
-from vit_jax.images import CROP_FRACTION
+from vit_jax.images import CROP_FRACTION, hw
 from vit_jax.models import vit
 from vit_jax.workdir import Workdir, WorkdirError, read_labels
 
@@ -94,7 +94,7 @@ def init(model: Any, *, num_classes: int, image_size: int, dtype: str = 'auto',
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  mc = _model_config(model)
+  mc = models.get_config(model)
   module = models.get_model(mc, num_classes=num_classes, dtype=dtype, **overrides)
   x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(lambda k: module.init(k, x, train=False))(jax.random.key(seed))
@@ -103,24 +103,9 @@ def init(model: Any, *, num_classes: int, image_size: int, dtype: str = 'auto',
                source='random init')
 
 
-def _model_config(model: Any):
-  """A preset name -> its ConfigDict; a model config -> a ConfigDict copy."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  if isinstance(model, str):
-    return models.get_config(model)
-  return ml_collections.ConfigDict(model.to_dict() if hasattr(model, 'to_dict') else model)
-
-
 # ---------------------------------------------------------------------------
 # Loading.
 # ---------------------------------------------------------------------------
-
-def _size2(size: int | Sequence[int]) -> tuple[int, int]:
-  if isinstance(size, (int, np.integer)):
-    return (int(size), int(size))
-  h, w = size
-  return (int(h), int(w))
-
 
 def trained_image_size(params: Any, model_config: Any) -> tuple[int, int] | None:
   """The resolution a ViT's params were trained at, read off its position embeddings."""
@@ -161,7 +146,7 @@ def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
   try:
     if wd.is_run():
       config = wd.config()
-      mc = _model_config(model) if model else config_schema.model_config(_config_dict(config))
+      mc = models.get_config(model) if model else config_schema.model_config(_config_dict(config))
       variables, source = _workdir_variables(wd, mc, step, checkpoint)
     else:
       if step is not None:
@@ -191,7 +176,7 @@ def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
   size = image_size or config.get('image_size') or side.get('image_size') or trained
   if not size:
     raise HubError(f'Cannot tell the input resolution of {source}: pass image_size.')
-  size = _size2(size)
+  size = hw(size)
 
   module = models.get_model(mc, num_classes=int(info['num_classes']), dtype=dtype)
   params = _fit(module, params, size, source, mc)

@@ -257,8 +257,9 @@ def _cmyk_to_rgb(cmyk: np.ndarray, adobe: bool) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def _size2(size: int | Sequence[int]) -> tuple[int, int]:
-  if isinstance(size, (int, np.integer)):
+def hw(size: int | Sequence[int]) -> tuple[int, int]:
+  """An image size as (height, width): an int is square, a pair is (h, w)."""
+  if np.ndim(size) == 0:
     return (int(size), int(size))
   h, w = size
   return (int(h), int(w))
@@ -298,7 +299,7 @@ def eval_preprocess(image: np.ndarray, pp_eval: str, size: int | Sequence[int],
   'resize': bilinear resize to `size`. 'resize_crop': resize to
   size / crop_fraction, then the central `size` crop.
   """
-  h, w = _size2(size)
+  h, w = hw(size)
   if pp_eval == 'resize':
     return _to_unit_range(_resize_bilinear(image, (h, w)))
   if pp_eval == 'resize_crop':
@@ -321,7 +322,7 @@ def load_images(paths: Sequence[str], pp_eval: str, size: int | Sequence[int],
   """
   raw = [read_image(p, min_side) for p in paths]
   batch = [eval_preprocess(image, pp_eval, size, crop_fraction) for image in raw]
-  h, w = _size2(size)
+  h, w = hw(size)
   if not batch:
     return np.zeros((0, h, w, 3), np.float32), raw
   return np.stack(batch).astype(np.float32), raw

@@ -39,7 +39,7 @@ except ImportError:
   raise ImportError("vit_jax.preprocess needs TensorFlow: pip install 'vit_jax[train]' "
                     '(vit_jax.images has the eval preprocessing without it).') from None
 
-from vit_jax.images import CROP_FRACTION
+from vit_jax.images import CROP_FRACTION, hw
 
 TRAIN_PP = ('inception_crop', 'rpt_augment', 'resize')
 EVAL_PP = ('resize', 'resize_crop')
@@ -54,13 +54,6 @@ RPT_ZOOM_FACTOR = 0.2  # scale ~ U(1 - 0.2, 1 + 0.2), independently for x and y
 ImageFn = Callable[..., tf.Tensor]
 
 
-def _size2(size: int | Sequence[int]) -> tuple[int, int]:
-  if isinstance(size, int):
-    return (size, size)
-  h, w = size
-  return (int(h), int(w))
-
-
 def to_unit_range(image: tf.Tensor) -> tf.Tensor:
   """Maps pixel values in [0, 255] to [-1, 1], the range the ViT checkpoints expect."""
   return tf.cast(image, tf.float32) / 127.5 - 1.0
@@ -68,7 +61,7 @@ def to_unit_range(image: tf.Tensor) -> tf.Tensor:
 
 def resize(image: tf.Tensor, size: int | Sequence[int]) -> tf.Tensor:
   """Bilinear resize (no antialiasing, as the original) to `size`; returns float32 in [0, 255]."""
-  return tf.image.resize(tf.cast(image, tf.float32), _size2(size), method='bilinear')
+  return tf.image.resize(tf.cast(image, tf.float32), hw(size), method='bilinear')
 
 
 def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
@@ -230,7 +223,7 @@ def rpt_augment(
   zoom = tf.random.stateless_uniform([2], zoom_seed, 1.0 - zoom_factor, 1.0 + zoom_factor)
   # Transform at no more pixels than the source has (in the output's aspect ratio),
   # then upscale: for CIFAR at 224 px this is ~5x cheaper than transforming at 224.
-  out_h, out_w = _size2(size)
+  out_h, out_w = hw(size)
   shape = tf.shape(image)
   in_area = tf.cast(shape[0] * shape[1], tf.float32)
   scale = tf.minimum(1.0, tf.sqrt(in_area / float(out_h * out_w)))
@@ -251,7 +244,7 @@ def resize_crop(image: tf.Tensor, size: int | Sequence[int], crop_fraction: floa
   """Resizes to size / crop_fraction, then takes the central `size` crop. [-1, 1]."""
   if not 0.0 < crop_fraction <= 1.0:
     raise ValueError(f'pp.crop_fraction must be in (0, 1], got {crop_fraction}.')
-  h, w = _size2(size)
+  h, w = hw(size)
   big = (round(h / crop_fraction), round(w / crop_fraction))
   image = resize(image, big)
   top, left = (big[0] - h) // 2, (big[1] - w) // 2

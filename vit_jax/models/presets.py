@@ -98,11 +98,14 @@ MODEL_CONFIGS['ResNet-56'] = ml_collections.ConfigDict({
     'widths': (16, 32, 64)})
 
 
-def get_config(name: str) -> ml_collections.ConfigDict:
-  """Returns a copy of preset `name`, with a helpful error for unknown names."""
-  if name not in MODEL_CONFIGS:
-    raise ValueError(f'Unknown model {name!r}. Known models: {", ".join(sorted(MODEL_CONFIGS))}')
-  return ml_collections.ConfigDict(MODEL_CONFIGS[name].to_dict())
+def get_config(model: Any) -> ml_collections.ConfigDict:
+  """A model config as a fresh ConfigDict: a preset name (with a helpful error
+  for unknown names) or a model config (ConfigDict or dict), copied."""
+  if not isinstance(model, str):
+    return ml_collections.ConfigDict(model.to_dict() if hasattr(model, 'to_dict') else model)
+  if model not in MODEL_CONFIGS:
+    raise ValueError(f'Unknown model {model!r}. Known models: {", ".join(sorted(MODEL_CONFIGS))}')
+  return ml_collections.ConfigDict(MODEL_CONFIGS[model].to_dict())
 
 
 def model_kwargs(config: Any) -> dict[str, Any]:
@@ -138,8 +141,7 @@ def get_model(name_or_config: Any, num_classes: int | None = None, **overrides: 
   structure. `overrides` replace top-level fields (e.g. classifier='gap',
   dtype='bfloat16'; `dtype` goes through `resolve_dtype`).
   """
-  cfg = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-  kwargs = model_kwargs(cfg)
+  kwargs = model_kwargs(get_config(name_or_config))
   kwargs.update(overrides)
   if 'dtype' in kwargs:
     kwargs['dtype'] = resolve_dtype(kwargs['dtype'])
