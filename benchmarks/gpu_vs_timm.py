@@ -8,10 +8,11 @@ so the two frameworks never share a process), in this order, skipping what
 no longer fits `--budget_s`:
 
 1. the bf16 matmul peak (8192^3, median of 10), the MFU denominator;
-2. a probe of the cuDNN flash-attention kernel at 197 and 577 tokens for
-   each token padding (`vit.ATTENTION_PAD_MULTIPLE`): which pads the kernel
-   accepts and how fast forward+backward runs; the fastest accepted pad is
-   used for every later JAX case;
+2. a probe of one attention layer at 197 and 577 tokens: the einsum path,
+   and the cuDNN flash-attention kernel at each token padding
+   (`vit.ATTENTION_PAD_MULTIPLE`): which pads the kernel accepts and how fast
+   forward+backward runs; the fastest accepted pad is used for every later
+   JAX case;
 3. vit_jax's real train step (`benchmark.compile_step(train=True)`, i.e.
    `train_step.make_train_step` under the paper's fine-tuning recipe: SGD
    momentum, clipping, schedule) and inference, ViT-B/16, bf16 (and f32);
@@ -20,7 +21,7 @@ no longer fits `--budget_s`:
    step (no clipping: timm users' plain loop);
 5. the training loop itself (`python -m vit_jax.main`, `dataset=synthetic`)
    at the step's shape: its logged images/sec over the benchmark step's;
-6. ablations: the einsum attention at 384, and ViT-L/16 at 384 with
+6. ablations: the einsum attention at 224 and 384, and ViT-L/16 at 384 with
    per-block remat (peak memory of a 32-image micro-batch step).
 
 MFU = images/sec x analytic FLOPs per image (matmuls and attention, 2 per
@@ -57,6 +58,8 @@ TORCH_CASES = [  # (case, resolution, batch, train, dtype, compile)
 ]
 JAX_EXTRA = [
     ('B16-224-train-f32', 'ViT-B_16', 224, 128, True, 'float32', {}),
+    ('B16-224-train-bf16-einsum', 'ViT-B_16', 224, 128, True, 'bfloat16',
+     {'attention': 'einsum'}),
     ('B16-384-train-bf16-einsum', 'ViT-B_16', 384, 64, True, 'bfloat16',
      {'attention': 'einsum'}),
     ('L16-384-train-bf16-remat', 'ViT-L_16', 384, 32, True, 'bfloat16',
@@ -105,7 +108,9 @@ def worker_jax_peak(smoke: bool) -> None:
 
 
 def worker_attention_probe(smoke: bool) -> None:
-  """Which token paddings the cuDNN kernel takes, and fwd+bwd time of each."""
+  """Forward+backward of one attention layer (the model's own module, its q/k/v
+  and out projections included) at 197 and 577 tokens: the einsum path, and
+  the cuDNN kernel at each token padding (which pads it accepts, how fast)."""
   import jax
   import jax.numpy as jnp
   from vit_jax import benchmark
@@ -113,18 +118,22 @@ def worker_attention_probe(smoke: bool) -> None:
   impl = 'xla' if smoke else 'cudnn'
   batch, heads, hd = (2, 2, 8) if smoke else (64, 12, 64)
   for t in (197, 577):
-    for multiple in PAD_CANDIDATES:
-      keys = jax.random.split(jax.random.key(t), 3)
-      q, k, v = (jax.random.normal(key, (batch, t, heads, hd), jnp.bfloat16) for key in keys)
+    x = jax.random.normal(jax.random.key(t), (batch, t, heads * hd), jnp.bfloat16)
+    for multiple in ('einsum',) + PAD_CANDIDATES:
+      einsum = multiple == 'einsum'
+      layer = vit.MultiHeadDotProductAttention(
+          num_heads=heads, dtype=jnp.bfloat16, attention='einsum' if einsum else impl)
+      params = layer.init(jax.random.key(0), x, deterministic=True)
 
-      def loss(q, k, v, multiple=multiple):
-        out = vit.padded_attention(q, k, v, implementation=impl, pad_multiple=multiple)
-        return jnp.sum(out.astype(jnp.float32) ** 2)
-      f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-      rec = dict(framework='jax', case=f'attention-probe-T{t}-pad{multiple}', tokens=t,
-                 pad_multiple=multiple, implementation=impl)
+      def loss(params, x, layer=layer):
+        return jnp.sum(layer.apply(params, x, deterministic=True).astype(jnp.float32) ** 2)
+      rec = dict(framework='jax', case=f'attention-probe-T{t}-{multiple}', tokens=t,
+                 pad_multiple=multiple, implementation='einsum' if einsum else impl)
       try:
-        times = benchmark.time_calls(lambda: f(q, k, v), 20, warmup=2)
+        if not einsum:
+          vit.ATTENTION_PAD_MULTIPLE = multiple   # Read when the jit traces.
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        times = benchmark.time_calls(lambda: f(params, x), 20, warmup=2)
         rec['ms'] = 1e3 * statistics.median(times)
       except Exception as e:  # noqa: BLE001 - a refused shape is a finding
         rec['error'] = f'{type(e).__name__}: {e}'[:300]
@@ -298,9 +307,16 @@ def table(records: list[dict]) -> str:
            f'measured bf16 matmul peak: {peak and round(peak)} TFLOP/s']
   probes = [r for r in records if r.get('case', '').startswith('attention-probe')]
   if probes:
-    lines.append('cuDNN attention fwd+bwd (B=64, 12 heads of 64) by token padding: ' + '; '.join(
-        f'T{r["tokens"]}/pad{r["pad_multiple"]}: '
+    lines.append('attention layer fwd+bwd (B=64, 12 heads of 64; einsum, or cuDNN by token '
+                 'padding): ' + '; '.join(
+        f'T{r["tokens"]}/{"" if r["pad_multiple"] == "einsum" else "pad"}{r["pad_multiple"]}: '
         + (f'{r["ms"]:.2f} ms' if 'ms' in r else 'refused') for r in probes))
+    for t in sorted({r['tokens'] for r in probes}):
+      timed = [r for r in probes if r['tokens'] == t and 'ms' in r]
+      if timed:
+        best = min(timed, key=lambda r: r['ms'])
+        lines.append(f'fastest attention layer at T={t}: {best["implementation"]}'
+                     + ('' if best['pad_multiple'] == 'einsum' else f' pad {best["pad_multiple"]}'))
   rows: dict[str, dict] = {}
   for r in records:
     if 'img_s' in r:
@@ -388,8 +404,8 @@ def main() -> None:
       records.extend(run_loop(jax_cases[0], pad, 0.4 * left(), log, args.smoke))
     if not args.smoke:
       worker('torch', torch_cases[3:], 0.5)
-      worker('jax', JAX_EXTRA[:2], 0.6, pad)
-      worker('jax', JAX_EXTRA[2:], 0.9, pad)   # Own process: its own peak memory.
+      worker('jax', JAX_EXTRA[:3], 0.6, pad)
+      worker('jax', JAX_EXTRA[3:], 0.9, pad)   # Own process: its own peak memory.
   with open(os.path.join(args.out, 'results.jsonl'), 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
   text = table(records)

@@ -156,3 +156,30 @@ def test_timm_peer_has_our_shape(classifier):
   peer_none, why = script.timm_peer(dict(cfg, tokenizer={'type': 'rpt'}), resolution=64,
                                     num_classes=10)
   assert peer_none is None and 'no timm peer' in why
+
+
+@pytest.mark.slow
+def test_gpu_vs_timm_smoke_runs_every_worker(tmp_path):
+  """The GPU script's CPU smoke run: peak, attention probe, vit_jax cases and the
+  real loop all report, and the table is written (timm rows only with torch)."""
+  import json
+  import os
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo)
+  proc = subprocess.run([sys.executable, 'benchmarks/gpu_vs_timm.py', '--smoke', '--out',
+                         str(tmp_path)], cwd=repo, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  records = [json.loads(line) for line in (tmp_path / 'results.jsonl').read_text().splitlines()]
+  cases = {r['case']: r for r in records}
+  for t in (197, 577):
+    assert cases[f'attention-probe-T{t}-einsum']['ms'] > 0
+    assert cases[f'attention-probe-T{t}-16']['ms'] > 0   # 'xla' stands in for cuDNN
+  jax_rows = [r for r in records if r['framework'] == 'jax' and 'img_s' in r]
+  assert {r['case'] for r in jax_rows} == {'Ti16-32-train-f32', 'Ti16-32-infer-f32'}
+  loop = next(r for r in records if r['framework'] == 'loop')
+  assert loop['img_s'] > 0
+  table = (tmp_path / 'table.txt').read_text()
+  assert 'fastest attention layer at T=197' in table and 'Ti16-32-train-f32' in table
