@@ -196,6 +196,35 @@ def test_written_files_of_every_format_match_tensorflow(tmp_path, tf_eval):
   print(f'{len(files)} written files identical; max abs preprocessing difference {worst:.3g}')
 
 
+def _gif_bytes(screen, frame, transparency=None):
+  """A one-frame GIF89a whose frame (left, top, width, height) need not fill the
+  (width, height) screen: the case Pillow cannot write. 4-colour global
+  palette; LZW with a clear code before every pixel, so every code is 3 bits."""
+  left, top, fw, fh = frame
+  out = bytearray(b'GIF89a' + struct.pack('<HHBBB', *screen, 0xF1, 1, 0))
+  out += bytes([10, 20, 30, 200, 100, 50, 0, 255, 0, 0, 0, 255])
+  if transparency is not None:
+    out += bytes([0x21, 0xF9, 4, 1, 0, 0, transparency, 0])
+  out += b'\x2c' + struct.pack('<HHHHB', left, top, fw, fh, 0)
+  codes = [c for i in range(fw * fh) for c in (4, i % 3 + 1)] + [5]
+  bits = sum(c << (3 * i) for i, c in enumerate(codes))
+  data = bits.to_bytes(-(-3 * len(codes) // 8), 'little')
+  out += bytes([2]) + b''.join(bytes([len(data[i:i + 255])]) + data[i:i + 255]
+                               for i in range(0, len(data), 255))
+  return bytes(out + b'\x00\x3b')
+
+
+@pytest.mark.parametrize('frame,transparency', [
+    ((2, 1, 4, 3), None), ((2, 1, 4, 3), 2), ((0, 0, 8, 6), 0), ((1, 0, 5, 6), 3),
+    ((5, 4, 3, 2), None)])
+def test_gif_first_frame_offset_and_transparency_as_tensorflow(frame, transparency):
+  """TensorFlow sizes the image by the first frame, draws it at its offset on
+  black (clipped) and paints transparent pixels black; read_image does the same."""
+  tf = pytest.importorskip('tensorflow')
+  data = _gif_bytes((8, 6), frame, transparency)
+  np.testing.assert_array_equal(images.decode_image(data), tf.io.decode_gif(data).numpy()[0])
+
+
 def test_large_jpegs_dct_scaled_as_evaluation_decodes_them(tmp_path, tf_eval):
   """read_image(path, min_side) = input_pipeline.decode_image(data, min_side): 1/2, 1/4, 1/8 scale."""
   tf = pytest.importorskip('tensorflow')

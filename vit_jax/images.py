@@ -15,7 +15,8 @@ upsampled, fast IDCT: the exact samples TensorFlow's decoder sees), and
 libjpeg's fancy upsampling and its fixed-point YCbCr -> RGB conversion are
 redone here in integer numpy, bit for bit. PNG/BMP/GIF/WebP decode losslessly
 alike in both (alpha dropped, greyscale expanded; 16-bit PNGs keep their high
-byte; a GIF's first frame, transparent pixels black as in TensorFlow).
+byte; a GIF's first frame, sized and placed as TensorFlow does, with its
+transparent pixels black).
 
 Resizing. `tf.image.resize(..., 'bilinear')` without antialiasing: half-pixel
 centres, float32 arithmetic in TensorFlow's order (`_resize_bilinear`).
@@ -115,14 +116,7 @@ def decode_image(data: bytes, min_side: int | None = None) -> np.ndarray:
 def _decode_other(im) -> np.ndarray:
   """PNG, BMP, GIF, WebP (lossless decoders: only the channel handling differs)."""
   if im.format == 'GIF':
-    im.seek(0)
-    frame = np.asarray(im.convert('RGB'))
-    transparency = im.info.get('transparency')
-    if im.mode == 'P' and isinstance(transparency, int):
-      # TensorFlow paints the first frame's transparent pixels black.
-      frame = frame.copy()
-      frame[np.asarray(im) == transparency] = 0
-    return frame
+    return _gif_first_frame(im)
   if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
     # 16-bit greyscale PNG: libpng's strip_16, as TensorFlow, keeps the high byte.
     grey = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
@@ -130,6 +124,27 @@ def _decode_other(im) -> np.ndarray:
   if im.mode in ('1', 'L', 'LA', 'La', 'F'):
     return np.repeat(np.asarray(im.convert('L'))[..., None], 3, axis=-1)
   return np.asarray(im.convert('RGB'))
+
+
+def _gif_first_frame(im) -> np.ndarray:
+  """A GIF's first frame as TensorFlow's decoder gives it.
+
+  TensorFlow sizes the output by the first frame (not the logical screen),
+  draws the frame at its (left, top) offset on black, clipped to that size,
+  and paints transparent pixels black. Pillow draws the frame on a screen-sized
+  canvas filled with the background colour, so the frame is cut out of it.
+  """
+  im.seek(0)
+  left, top, right, bottom = im.tile[0][1] if im.tile else (0, 0, *im.size)
+  index = np.asarray(im)    # Loads the frame; palette indices in mode 'P'.
+  frame = np.asarray(im.convert('RGB'))[top:bottom, left:right].copy()
+  transparency = im.info.get('transparency')
+  if im.mode == 'P' and isinstance(transparency, int):
+    frame[index[top:bottom, left:right] == transparency] = 0
+  h, w = frame.shape[:2]
+  out = np.zeros_like(frame)
+  out[top:, left:] = frame[:max(h - top, 0), :max(w - left, 0)]
+  return out
 
 
 def _jpeg_colorspace(im) -> str:
