@@ -43,6 +43,8 @@ setup(
         'optax>=0.2.5,<0.4',
         'orbax-checkpoint>=0.12.0,<0.14',
         'ml_collections>=1.0,<2',
+        # Parameter tables: the training log, `python -m vit_jax.checkpoint`.
+        'clu>=0.0.12,<0.1',
         'absl-py>=1.0',       # flags and logging of the command-line tools.
         'numpy>=2.0,<3',      # 2.0: jax 0.10's floor.
         'scipy>=1.14,<2',     # 1.14: jax 0.10's floor.
@@ -54,14 +56,13 @@ setup(
     ],
     extras_require={
         # Training and evaluation on real data: the tf.data input pipeline,
-        # TFDS datasets, TensorBoard summaries (clu's writer).
+        # TFDS datasets, TensorBoard summaries.
         'train': [
             # 2.20: 2.18 needs ml-dtypes < 0.5 (jax 0.10: >= 0.5), 2.19's
             # decode_image cannot read WebP (folder datasets accept it).
             'tensorflow-cpu>=2.20,<2.23',
             'tensorboard>=2.20,<2.23',
             'tensorflow-datasets>=4.9.7,<5',
-            'clu>=0.0.12,<0.1',
             # [train], not core: only the 'digits' training dataset loads from it.
             'scikit-learn>=1.5,<2',
         ],

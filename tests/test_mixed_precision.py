@@ -169,7 +169,7 @@ def test_synthetic_batches_are_fixed_and_on_the_devices():
 
 _NO_TENSORFLOW = '''
 import importlib.machinery
-_BLOCKED = ('tensorflow', 'tensorflow_datasets', 'clu', 'tensorboard')
+_BLOCKED = ('tensorflow', 'tensorflow_datasets', 'tensorboard')
 _orig = importlib.machinery.PathFinder.find_spec.__func__
 def _find_spec(cls, name, path=None, target=None):
   if name.split('.')[0] in _BLOCKED:
@@ -180,7 +180,7 @@ importlib.machinery.PathFinder.find_spec = classmethod(_find_spec)
 
 
 def test_loop_on_synthetic_data_runs_without_tensorflow(tmp_path):
-  """The real loop, timed on any machine: TensorFlow, TFDS, clu and tensorboard unimportable."""
+  """The real loop, timed on any machine: TensorFlow, TFDS and tensorboard unimportable."""
   (tmp_path / 'site').mkdir()
   (tmp_path / 'site' / 'sitecustomize.py').write_text(textwrap.dedent(_NO_TENSORFLOW))
   env = dict(SUBPROCESS_ENV, PYTHONPATH=f'{tmp_path / "site"}:{REPO}')

@@ -693,15 +693,16 @@ def infer_model(params_or_path: Mapping[str, Any] | str | os.PathLike,
 @cli.command(positional='checkpoint', metavar='PATH.npz|NAME', min_args=1,
              max_args=1)
 def main(args: cli.Args) -> None:
-  """Prints the keys, shapes, architecture and matching preset of a checkpoint.
+  """Prints the parameters (name, shape, dtype, size, mean, std), architecture and
+  matching preset of a checkpoint.
 
   A local .npz, or an official name (ViT-B_16, imagenet21k+imagenet2012/ViT-B_16,
   AugReg B_16, ...) downloaded once into $VIT_JAX_CACHE_DIR.
   """
   variables = load_variables(args.checkpoint)
   params = variables['params']
-  for key, value in sorted(flatten(params).items()):
-    print(f'{key:80s} {tuple(np.shape(value))!s:>20s} {np.asarray(value).dtype}')
+  from clu import parameter_overview  # pylint: disable=g-import-not-at-top
+  print(parameter_overview.get_parameter_overview(params, include_stats=True))
   info = describe(params)
   print()
   for k, v in info.items():

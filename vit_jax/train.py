@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from clu import parameter_overview
 
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import config_schema, evaluators, hub
@@ -451,8 +452,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   # The launch is accepted: config.json becomes this run's identity.
   workdir_lib.log_accepted_changes(workdir, accepted_changes, latest)
   workdir_lib.write_config(config, workdir)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
-  logging.info('Model %s: %s parameters.', mc.model_name, f'{num_params:,}')
+  parameter_overview.log_parameter_overview(
+      abstract['params'], include_stats=False, msg=f'Model {mc.model_name}: parameters')
 
   # ========================= Jitted steps =========================
   teacher_module = teacher_vars = teacher_sh = None
