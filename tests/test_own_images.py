@@ -227,6 +227,48 @@ def test_all_bad_files_at_once_cached_and_skippable(tmp_path, monkeypatch):
     ip.checked_config(c, str(tmp_path / 'work'))
 
 
+def test_processes_share_the_image_check(tmp_path, monkeypatch):
+  """Two processes (threads here, an all-gather stand-in between them) each decode
+  half of the files and both return every bad file with its reason."""
+  import threading
+  root = _flat_folder(tmp_path / 'flat')
+  bad = _break_two(root)
+  paths = sorted(str(p) for p in root.rglob('*') if p.is_file())
+  decoded = []
+  real = ip.image_problem
+  monkeypatch.setattr(ip, 'image_problem', lambda path: decoded.append(path) or real(path))
+  barrier, slots = threading.Barrier(2), [None, None]
+
+  def gather(flags):
+    slots[index.value] = flags
+    barrier.wait()
+    return np.stack(slots)
+
+  index = threading.local()
+  results = [None, None]
+
+  def process(i):
+    index.value = i
+    results[i] = ip.check_images(paths, str(tmp_path / 'work'), shard=(i, 2), gather=gather)
+  threads = [threading.Thread(target=process, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  expected = {str(bad[0]): 'truncated or corrupt JPEG', str(bad[1]): 'not an image file'}
+  for found in results:
+    assert sorted(found) == sorted(expected)
+    for path, reason in expected.items():
+      assert found[path].startswith(reason)
+  # Each file decoded once by its own process, plus each bad file once more by
+  # the process that learnt of it from the other: len(paths) + 2 decodes.
+  assert sorted(decoded) == sorted(paths + [str(b) for b in bad])
+  assert sorted(p.name for p in (tmp_path / 'work').glob('image_check*')) == [
+      'image_check.0-of-2.json', 'image_check.1-of-2.json']
+  # The real all-gather, in this one process: (processes, files).
+  assert ip._gather_processes(np.array([0, 1, 0], np.int8)).tolist() == [[0, 1, 0]]
+
+
 def test_tfds_name_offline_fails_in_seconds(tmp_path, monkeypatch):
   monkeypatch.setattr(ip, 'TFDS_HOST', ('127.0.0.1', 9))   # Nothing listens: offline.
   start = time.time()

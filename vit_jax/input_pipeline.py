@@ -506,7 +506,7 @@ def checked_config(config: Any, workdir: str | None) -> Any:
                          in_memory_max=int(config.get('tfds_in_memory_max', 300_000)))
     if source.kind == 'files':
       paths.extend(str(p) for p in source.data)
-  bad = check_images(sorted(set(paths)), workdir)
+  bad = check_images(sorted(set(paths)), workdir, shard=_process_info(None, None))
   if not bad:
     return config
   if not config.get('skip_bad_images'):
@@ -664,14 +664,41 @@ CHECK_CACHE = 'image_check.json'
 
 
 def check_images(paths: list[str], cache_dir: str | None = None,
-                 threads: int | None = None) -> dict[str, str]:
+                 threads: int | None = None, *, shard: tuple[int, int] = (0, 1),
+                 gather: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, str]:
   """{path: reason} for every file of `paths` that cannot be decoded.
 
   Each file is decoded once, in parallel threads (TensorFlow's decoders
   release the GIL); results are cached in `cache_dir`/image_check.json by
   path, size and mtime, so a relaunch re-checks only new or changed files.
+
+  `shard=(i, n)`: process i of a multi-process run decodes only every n-th
+  file (its own cache file), and `gather` (default: an all-gather across the
+  processes) combines the per-file findings, so every process returns the
+  same dict after 1/n of the work. A file found bad elsewhere is re-checked
+  here for its reason (few files).
   """
-  cache_path = os.path.join(cache_dir, CHECK_CACHE) if cache_dir else None
+  index, count = shard
+  if count > 1:
+    mine = _check_images(paths[index::count], cache_dir, threads,
+                         f'image_check.{index}-of-{count}.json')
+    flags = np.zeros(len(paths), np.int8)
+    flags[index::count] = [path in mine for path in paths[index::count]]
+    flags = (gather or _gather_processes)(flags).reshape(-1, len(paths)).max(axis=0)
+    return {p: mine.get(p) or image_problem(p) or 'cannot be decoded on another process'
+            for p, f in zip(paths, flags) if f}
+  return _check_images(paths, cache_dir, threads)
+
+
+def _gather_processes(flags: np.ndarray) -> np.ndarray:
+  """(processes, n): every process's `flags`, on every process."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(flags))
+
+
+def _check_images(paths: list[str], cache_dir: str | None, threads: int | None,
+                  cache_name: str = CHECK_CACHE) -> dict[str, str]:
+  cache_path = os.path.join(cache_dir, cache_name) if cache_dir else None
   cache: dict[str, list] = {}
   if cache_path and os.path.isfile(cache_path):
     try:
