@@ -12,7 +12,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from vit_jax import checkpoint, hub, models, predict
+from vit_jax import checkpoint, hub, models
 from vit_jax.workdir import Workdir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -191,8 +191,7 @@ def test_a_workdir_loads_its_export_or_any_step(workdir):
   latest = hub.load(wd.path, step=6)
   _same(latest.params, states[6]['polyak'])
   images = np.random.default_rng(0).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
-  np.testing.assert_array_equal(predict.predict_probs(model, images),
-                                predict.predict_probs(latest, images))
+  np.testing.assert_array_equal(model.probs(images), latest.probs(images))
   with pytest.raises(hub.HubError, match=r'No checkpoint for step 4 .* available steps: \[3, 6\]'):
     hub.load(wd.path, step=4)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import checkpoint, hub, predict
+from vit_jax import checkpoint, hub, images, predict
 from vit_jax.models import vit
 
 
@@ -85,6 +85,13 @@ def test_predict_matches_direct_apply(saved_model, capsys):
     assert [r['label'] for r in o['top_k']] == list(np.argsort(-p))
     assert [r['name'] for r in o['top_k']] == [['cat', 'dog', 'bird'][c] for c in np.argsort(-p)]
   assert len({int(np.argmax(p)) for p in probs}) > 1 or probs.std() > 0.01  # non-trivial logits
+  # The same from Python: hub.load(...).predict(paths), and the model called on a batch.
+  bundle = hub.load(str(wd))
+  assert bundle.predict([str(tmp / 'imgs')], k=3) == [o['top_k'] for o in out]
+  batch, raw = bundle.load_images(files)
+  assert [r.shape for r in raw] == [(32, 32, 3), (20, 45, 3), (64, 48, 3)]
+  np.testing.assert_allclose(bundle(batch), model.apply({'params': params}, images, train=False),
+                             atol=1e-5)
 
 
 def test_image_size_from_checkpoint_and_top_k(saved_model):
@@ -95,7 +102,9 @@ def test_image_size_from_checkpoint_and_top_k(saved_model):
   assert hub.trained_image_size(params, mc) == (32, 32)
   mc.resnet = {'num_layers': (3, 4, 9)}  # R50 hybrid: the backbone downsamples 16x
   assert hub.trained_image_size(params, mc) == (512, 512)
-  res = predict.top_k(np.array([[0.1, 0.7, 0.2]]), 2, ['a', 'b', 'c'])
+  bundle = hub.Model(module=None, params=None, model_config=None, image_size=(32, 32),
+                     labels=['a', 'b', 'c'])
+  res = bundle.top_k(np.array([[0.1, 0.7, 0.2]]), 2)
   assert res == [[{'label': 1, 'name': 'b', 'prob': 0.7}, {'label': 2, 'name': 'c', 'prob': 0.2}]]
 
 
@@ -110,10 +119,6 @@ def test_predict_clear_errors(saved_model, tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith('ERROR (PredictError): ') and 'Pass --workdir=DIR, or --checkpoint=PATH.npz' in err
   os.makedirs(tmp_path / 'empty')
-  with pytest.raises(predict.PredictError, match='No image files'):
-    predict.collect_images([str(tmp_path / 'empty')])
-  with pytest.raises(predict.PredictError, match='neither an image file nor a directory'):
-    predict.collect_images([str(tmp_path / 'nope.jpg')])
   with pytest.raises(hub.HubError, match='Checkpoint .* is a directory'):
     hub.load(str(tmp_path))
   with pytest.raises(hub.HubError, match='Label file .* has 2 names but the model has 3'):
@@ -125,8 +130,12 @@ def test_predict_clear_errors(saved_model, tmp_path, capsys):
     os.link(path, cfg / 'm.npz')
     hub.load(str(cfg), labels=str(tmp_path / 'two.txt'))
   bundle = hub.load(str(cfg))
-  with pytest.raises(predict.PredictError, match=r"Cannot decode image file '.*broken.jpg'"):
-    predict.load_images([str(bad)], bundle)
+  with pytest.raises(images.ImageError, match=r"Cannot decode image file '.*broken.jpg'"):
+    bundle.load_images([str(bad)])
+  with pytest.raises(images.ImageError, match='neither an image file nor a directory'):
+    bundle.load_images([str(tmp_path / 'nope.jpg')])
+  assert predict.main([f'--workdir={cfg}', str(tmp_path / 'empty')]) == 1
+  assert capsys.readouterr().err.startswith('ERROR (ImageError): No image files')
 
 
 def test_cli_text_output_with_preset(tmp_path, capsys):

@@ -406,11 +406,10 @@ def run_all(bundle: Any, paths: Sequence[str], out_dir: str,
   Attention distances average over all images (the paper used 128); the
   rollout figure shows the first ``max_rollout_images``.
   """
-  from vit_jax import predict  # pylint: disable=g-import-not-at-top
   from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
 
   os.makedirs(out_dir, exist_ok=True)
-  images, raw = predict.load_images(paths, bundle)
+  images, raw = bundle.load_images(paths)
   prefix = vit.num_prefix_tokens(bundle.model_config)
   h, w = bundle.image_size
   maps, dist_sum, grid = [], 0.0, None
@@ -425,8 +424,7 @@ def run_all(bundle: Any, paths: Sequence[str], out_dir: str,
   written, numbers = {}, {'rollout_maps': maps, 'attention_distance': dist}
 
   k = min(max_rollout_images, len(images))
-  probs = predict.predict_probs(bundle, images[:k])
-  top = predict.top_k(probs, 1, bundle.labels)
+  top = bundle.top_k(bundle.probs(images[:k]), 1)
   titles = [f'{os.path.basename(p)}: {t[0]["name"]} ({t[0]["prob"]:.2f})' for p, t in zip(paths, top)]
   written['rollout'] = plot_rollout(raw[:k], maps[:k],
                                     os.path.join(out_dir, 'attention_rollout.png'), titles)
@@ -480,11 +478,11 @@ def define_flags(fv: flags.FlagValues) -> None:
 def main(args: cli.Args) -> None:
   """Attention rollout, attention distance, position-embedding similarity and
   embedding-filter PCs of a ViT (paper Figs. 6, 7, 11) as PNGs."""
-  from vit_jax import hub, predict  # pylint: disable=g-import-not-at-top
+  from vit_jax import hub, images  # pylint: disable=g-import-not-at-top
   bundle = hub.load(args.workdir or args.checkpoint or '', model=args.model,
                     checkpoint=args.checkpoint if args.workdir else None,
                     labels=args.labels, image_size=args.image_size, dtype=args.dtype)
-  written = run_all(bundle, predict.collect_images(args.images), args.out_dir,
+  written = run_all(bundle, images.collect_images(args.images), args.out_dir,
                     args.num_components, args.max_rollout_images)
   for name, path in written.items():
     print(f'{name:>9}: {path}')

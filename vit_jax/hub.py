@@ -7,7 +7,9 @@
   model = hub.load('gs://vit_models/imagenet21k/ViT-B_16.npz')   # or https://...
   model = hub.load('/tmp/quickstart')               # a training workdir: its export,
   model = hub.load('/tmp/quickstart', step=200)     # or any of its orbax steps
-  logits = model.module.apply(model.variables, images, train=False)
+  top5 = model.predict(['cat.jpg', 'photos/'])     # per image: [{label, name, prob}, ...]
+  batch, raw = model.load_images(paths)             # the eval preprocessing, TF-free
+  logits = model(batch)                             # = model.module.apply(model.variables, ...)
 
 A `Model` is the flax module, its variables, the model config, the class
 names (when known) and the eval preprocessing (resolution, `pp_eval`,
@@ -33,6 +35,7 @@ What decides what:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -40,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from vit_jax import checkpoint as ckpt
-from vit_jax import config_schema, models
+from vit_jax import config_schema, images, models
 from vit_jax.images import CROP_FRACTION, hw
 from vit_jax.models import vit
 from vit_jax.workdir import Workdir, WorkdirError, read_labels
@@ -74,6 +77,47 @@ class Model:
   @property
   def num_classes(self) -> int:
     return int(self.module.num_classes)
+
+  # Inference: what predict, analysis and the notebooks run.
+
+  def __call__(self, batch: Any) -> Any:
+    """Logits (N, num_classes) of a preprocessed batch (N, H, W, 3) in [-1, 1]."""
+    return self._apply(self.variables, batch)
+
+  @functools.cached_property
+  def _apply(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.jit(functools.partial(self.module.apply, train=False))
+
+  def load_images(self, paths: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(preprocessed float32 (N, H, W, 3) in [-1, 1], raw uint8 images) of image
+    files and/or folders (recursive, sorted).
+
+    The training eval path's pixels without TensorFlow (vit_jax.images): this
+    model's `pp_eval`, resolution and `crop_fraction`, and large JPEGs decoded
+    at reduced DCT scale exactly as folder-dataset evaluation decodes them.
+    Raises images.ImageError naming a file that cannot be read.
+    """
+    return images.load_images(images.collect_images(paths), self.pp_eval, self.image_size,
+                              self.crop_fraction, min_side=images.DCT_MIN_SIDE * min(self.image_size))
+
+  def probs(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """Softmax probabilities (N, num_classes), float32, `batch_size` images at a time."""
+    import jax  # pylint: disable=g-import-not-at-top
+    return np.concatenate([np.asarray(jax.nn.softmax(self(batch[i:i + batch_size]), axis=-1))
+                           for i in range(0, len(batch), batch_size)])
+
+  def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
+    """Per image, the k most probable classes as {'label', 'name', 'prob'}."""
+    k = min(k, probs.shape[-1])
+    order = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
+    return [[{'label': int(c), 'name': self.labels[c] if self.labels else str(int(c)),
+              'prob': float(p[c])} for c in row] for p, row in zip(probs, order)]
+
+  def predict(self, paths: Sequence[str], k: int = 5,
+              batch_size: int = 32) -> list[list[dict[str, Any]]]:
+    """The top-k classes of every image file (folders: recursive, sorted)."""
+    return self.top_k(self.probs(self.load_images(paths)[0], batch_size), k)
 
 
 # ---------------------------------------------------------------------------

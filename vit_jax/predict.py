@@ -15,16 +15,14 @@ The architecture details that a checkpoint pins down (number of classes,
 ``pre_logits`` size, resolution from the position embeddings) are read from
 the checkpoint itself, so ``--model`` only names the preset.
 
-Models load through :func:`vit_jax.hub.load`; :func:`load_images` and
-:func:`predict_probs` are shared with ``vit_jax.analysis``.
+Models load through :func:`vit_jax.hub.load`; the image loading, probabilities
+and top-k are the loaded `hub.Model`'s (``model.predict(paths)`` in Python).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from absl import flags
@@ -37,67 +35,11 @@ class PredictError(ValueError):
   """A problem with the inputs of prediction, with what to do about it."""
 
 
-# ---------------------------------------------------------------------------
-# Images
-# ---------------------------------------------------------------------------
-
-
-def collect_images(paths: Sequence[str]) -> list[str]:
-  """Expands directories (recursively, sorted) into image files."""
-  try:
-    return images_lib.collect_images(paths)
-  except images_lib.ImageError as e:
-    raise PredictError(str(e)) from None
-
-
-def load_images(paths: Sequence[str], model: hub.Model) -> tuple[np.ndarray, list[np.ndarray]]:
-  """(preprocessed float32 (N, H, W, 3) in [-1, 1], raw uint8 images).
-
-  The training eval path's pixels without TensorFlow (vit_jax.images): the
-  model's `pp_eval`, resolution and `crop_fraction`, and large JPEGs decoded
-  at reduced DCT scale exactly as folder-dataset evaluation decodes them.
-  """
-  size = model.image_size
-  try:
-    return images_lib.load_images(paths, model.pp_eval, size, model.crop_fraction,
-                              min_side=images_lib.DCT_MIN_SIDE * min(size))
-  except images_lib.ImageError as e:
-    raise PredictError(str(e)) from None
-
-
 def _missing() -> str:
   from vit_jax import models  # pylint: disable=g-import-not-at-top
   raise PredictError('Pass --workdir=DIR, or --checkpoint=PATH.npz or an official name '
                      f'[--model=NAME, one of: {", ".join(sorted(models.MODEL_CONFIGS))}; default: '
                      "the checkpoint's own, from its sidecar .json or its parameter shapes].")
-
-
-# ---------------------------------------------------------------------------
-# Prediction
-# ---------------------------------------------------------------------------
-
-
-def predict_probs(model: hub.Model, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-  """Softmax probabilities (N, num_classes), float32, batch by batch."""
-  import jax  # pylint: disable=g-import-not-at-top
-
-  @jax.jit
-  def probs_fn(variables, x):
-    return jax.nn.softmax(model.module.apply(variables, x, train=False), axis=-1)
-
-  variables = model.variables
-  out = []
-  for i in range(0, len(images), batch_size):
-    out.append(np.asarray(probs_fn(variables, images[i:i + batch_size])))
-  return np.concatenate(out)
-
-
-def top_k(probs: np.ndarray, k: int, labels: list[str] | None) -> list[list[dict[str, Any]]]:
-  """Per image, the k most probable classes as {'label', 'name', 'prob'}."""
-  k = min(k, probs.shape[-1])
-  order = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
-  return [[{'label': int(c), 'name': labels[c] if labels else str(int(c)),
-            'prob': float(p[c])} for c in row] for p, row in zip(probs, order)]
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -125,13 +67,12 @@ def main(args: cli.Args) -> None:
   bundle = hub.load(args.workdir or args.checkpoint or _missing(), model=args.model,
                     checkpoint=args.checkpoint if args.workdir else None,
                     labels=args.labels, image_size=args.image_size, dtype=args.dtype)
-  paths = collect_images(args.images)
-  images, _ = load_images(paths, bundle)
-  probs = predict_probs(bundle, images, args.batch_size)
+  paths = images_lib.collect_images(args.images)
+  probs = bundle.probs(bundle.load_images(paths)[0], args.batch_size)
   if not np.all(np.isfinite(probs)):
     raise PredictError(f'the model gave non-finite outputs for {bundle.source}; '
                        'no predictions printed.')
-  results = top_k(probs, args.top_k, bundle.labels)
+  results = bundle.top_k(probs, args.top_k)
   if args.json:
     print(json.dumps([{'image': p, 'top_k': r} for p, r in zip(paths, results)], indent=1))
   else:
