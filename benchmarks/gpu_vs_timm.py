@@ -4,8 +4,9 @@ r"""vit_jax against timm on whatever accelerator is here: one script, one table.
   PYTHONPATH=. python benchmarks/gpu_vs_timm.py --smoke     # CPU, tiny shapes
 
 What it times, each case in its own subprocess (JAX preallocates GPU memory,
-so the two frameworks never share a process), in this order, skipping what
-no longer fits `--budget_s`:
+so the two frameworks never share a process; a worker is one of the
+``worker_*`` functions below, run as ``python -c "import gpu_vs_timm as g;
+g.worker_jax(...)"``), in this order, skipping what no longer fits `--budget_s`:
 
 1. the bf16 matmul peak (8192^3, median of 10), the MFU denominator;
 2. a probe of one attention layer at 197 and 577 tokens: the einsum path,
@@ -33,15 +34,22 @@ goes to `--out` (results.jsonl, log.txt).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path.insert(0, REPO)  # this clone's vit_jax
+
+# absl only: the GPU machine has no TensorFlow and no ml_collections.
+from absl import flags  # noqa: E402
+
+from vit_jax import cli  # noqa: E402
 
 # (case, model, resolution, batch, train, dtype, variant). Timm rows use the
 # same case names, so the table pairs them.
@@ -237,16 +245,17 @@ def worker_torch(cases: list, repeats: int, smoke: bool) -> None:
 # Orchestration.
 # ----------------------------------------------------------------------------
 
-def run_worker(args: list[str], timeout: float, log) -> list[dict]:
-  """Runs this script as a worker; returns its RESULT records."""
-  cmd = [sys.executable, os.path.abspath(__file__)] + args
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='2')
-  return _run(cmd, timeout, log, env)
+def run_worker(call: str, timeout: float, log) -> list[dict]:
+  """Runs `call` of this module, e.g. ``worker_jax([...], 20, 64)``, in a fresh
+  process; returns its RESULT records."""
+  cmd = [sys.executable, '-c', f'import gpu_vs_timm as g; g.{call}']
+  path = os.pathsep.join([REPO, HERE, os.environ.get('PYTHONPATH', '')])
+  env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='2')
+  return _run(cmd, timeout, log, env, call)
 
 
-def _run(cmd: list[str], timeout: float, log, env: dict) -> list[dict]:
-  """Runs `cmd`; its RESULT records, plus one error record if it failed."""
+def _run(cmd: list[str], timeout: float, log, env: dict, label: str) -> list[dict]:
+  """Runs `cmd`; its RESULT records, plus one error record (case `label`) if it failed."""
   log.write(f'$ {" ".join(cmd)}\n')
   failure = None
   try:
@@ -262,7 +271,7 @@ def _run(cmd: list[str], timeout: float, log, env: dict) -> list[dict]:
   log.flush()
   records = [json.loads(line[7:]) for line in out.splitlines() if line.startswith('RESULT ')]
   if failure:
-    records.append(dict(framework='?', case=' '.join(cmd[-3:])[:80], error=failure))
+    records.append(dict(framework='?', case=label[:80], error=failure))
   for r in records:
     print('RESULT ' + json.dumps(r), flush=True)
   return records
@@ -290,7 +299,7 @@ def run_loop(shape: tuple, pad_multiple: int, timeout: float, log, smoke: bool) 
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
              PYTHONUNBUFFERED='1')
   t0 = time.time()
-  records = _run(cmd, timeout, log, env)
+  records = _run(cmd, timeout, log, env, f'loop {name}')
   rec = dict(framework='loop', case=name, res=res, batch=batch, train=True, dtype=dtype,
              wall_s=time.time() - t0)
   try:
@@ -353,47 +362,36 @@ def table(records: list[dict]) -> str:
   return '\n'.join(lines)
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--smoke', action='store_true', help='CPU, tiny shapes: test the script')
-  p.add_argument('--out', default=os.environ.get('OUT', '/tmp/gpu_vs_timm'))
-  p.add_argument('--budget_s', type=float, default=540, help='skip what no longer fits')
-  p.add_argument('--repeats', type=int, default=20)
-  p.add_argument('--worker', choices=['peak', 'probe', 'jax', 'torch'], help=argparse.SUPPRESS)
-  p.add_argument('--cases', default='', help=argparse.SUPPRESS)
-  p.add_argument('--pad_multiple', type=int, default=None, help=argparse.SUPPRESS)
-  args = p.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_bool('smoke', False, 'CPU, tiny shapes: test the script.', flag_values=fv)
+  flags.DEFINE_string('out', os.environ.get('OUT', '/tmp/gpu_vs_timm'),
+                      'Folder for results.jsonl, log.txt and table.txt.', flag_values=fv)
+  flags.DEFINE_float('budget_s', 540, 'Seconds for the whole run: skip what no longer fits.',
+                     flag_values=fv)
+  flags.DEFINE_integer('repeats', 20, 'Timed steps per case; the median is reported.',
+                       flag_values=fv)
 
-  if args.worker:
-    cases = json.loads(args.cases) if args.cases else []
-    if args.worker == 'peak':
-      worker_jax_peak(args.smoke)
-    elif args.worker == 'probe':
-      worker_attention_probe(args.smoke)
-    elif args.worker == 'jax':
-      worker_jax(cases, args.repeats, args.pad_multiple)
-    else:
-      worker_torch(cases, args.repeats, args.smoke)
-    return
 
+@cli.command(define_flags)
+def main(args: cli.Args) -> None:
+  """Runs the workers in turn and prints the table."""
   from vit_jax.models import vit   # Only for the default pad; no JAX backend started.
   os.makedirs(args.out, exist_ok=True)
   start = time.time()
   left = lambda: args.budget_s - (time.time() - start)
-  common = ['--repeats', str(args.repeats)] + (['--smoke'] if args.smoke else [])
   records: list[dict] = []
   with open(os.path.join(args.out, 'log.txt'), 'w') as log:
-    def worker(name: str, cases: list, share: float, pad: int | None = None) -> None:
+    def worker(fn: Callable, share: float, *fn_args) -> None:
+      """fn(*fn_args) in its own process, within `share` of the budget left."""
+      call = f'{fn.__name__}({", ".join(map(repr, fn_args))})'
       if left() < 20:
-        records.append(dict(framework=name, case=f'{name} ({len(cases)} cases)',
+        records.append(dict(framework=fn.__name__, case=call[:80],
                             error='skipped: out of --budget_s'))
         return
-      extra = ['--pad_multiple', str(pad)] if pad else []
-      records.extend(run_worker(['--worker', name, '--cases', json.dumps(cases)] + common
-                                + extra, share * left(), log))
+      records.extend(run_worker(call, share * left(), log))
 
-    worker('peak', [], 0.2)
-    worker('probe', [], 0.2)
+    worker(worker_jax_peak, 0.2, args.smoke)
+    worker(worker_attention_probe, 0.2, args.smoke)
     pad = _best_pad(records)
     if pad is None:   # The kernel took no padding (or no GPU): einsum attention.
       print('cuDNN attention unavailable: timing the einsum attention', flush=True)
@@ -402,15 +400,16 @@ def main() -> None:
       pad = vit.ATTENTION_PAD_MULTIPLE
     print(f'attention padding: multiple of {pad}', flush=True)
     jax_cases, torch_cases = (SMOKE_JAX, SMOKE_TORCH) if args.smoke else (JAX_CASES, TORCH_CASES)
-    worker('jax', jax_cases, 0.5, pad)
-    worker('torch', torch_cases[:3] if not args.smoke else torch_cases, 0.4)
+    worker(worker_jax, 0.5, jax_cases, args.repeats, pad)
+    worker(worker_torch, 0.4, torch_cases if args.smoke else torch_cases[:3], args.repeats,
+           args.smoke)
     if left() > 30:
       records.extend(run_loop(jax_cases[0], pad, 0.4 * left(), log, args.smoke))
     if not args.smoke:
-      worker('torch', torch_cases[3:], 0.5)
-      worker('jax', JAX_EXTRA[:3], 0.6, pad)
+      worker(worker_torch, 0.5, torch_cases[3:], args.repeats, args.smoke)
+      worker(worker_jax, 0.6, JAX_EXTRA[:3], args.repeats, pad)
       for case in JAX_EXTRA[3:]:   # Each in its own process: its own peak memory.
-        worker('jax', [case], 0.6, pad)
+        worker(worker_jax, 0.6, [case], args.repeats, pad)
   with open(os.path.join(args.out, 'results.jsonl'), 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
   text = table(records)
@@ -431,4 +430,4 @@ def _best_pad(records: list[dict]) -> int | None:
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -16,7 +16,6 @@ as a floor for such data.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
@@ -24,7 +23,11 @@ import tarfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # this clone's vit_jax
+
+from absl import flags  # noqa: E402
+
+from vit_jax import cli  # noqa: E402
 
 # ViT-B/16 bf16 training images/sec on one H100 (gpu_vs_timm.py, 2026-11-26).
 H100_TRAIN_IMG_S = {224: 2859.5, 384: 917.9}
@@ -42,8 +45,8 @@ def extract(shared: pathlib.Path, cache: pathlib.Path, name: str) -> pathlib.Pat
   if not (out / '.extracted').exists():
     path = shared / 'data' / archive
     if not path.is_file():
-      raise SystemExit(f'{path} not found: this benchmark reads the team\'s ../shared/data '
-                       '(pass --shared DIR).')
+      raise FileNotFoundError(f"{path} not found: this benchmark reads the team's "
+                              '../shared/data (pass --shared DIR).')
     out.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path) as tar:
       tar.extractall(out, members=[m for m in tar if m.name.startswith(prefixes)],
@@ -71,14 +74,20 @@ def measure(root: pathlib.Path, split: str, resolution: int, batch: int, batches
   return batches * batch / (time.perf_counter() - start)
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--shared', default=str(REPO.parent / 'shared'))
-  p.add_argument('--cache', default=str(pathlib.Path.home() / '.cache' / 'vit_jax_test'))
-  p.add_argument('--resolutions', default='224,384')
-  p.add_argument('--batch', type=int, default=64)
-  p.add_argument('--batches', type=int, default=20)
-  args = p.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('shared', str(REPO.parent / 'shared'), "The team's shared folder (data/).",
+                      flag_values=fv)
+  flags.DEFINE_string('cache', str(pathlib.Path.home() / '.cache' / 'vit_jax_test'),
+                      'Where the archives are extracted, once.', flag_values=fv)
+  flags.DEFINE_string('resolutions', '224,384', 'Comma list of training resolutions.',
+                      flag_values=fv)
+  flags.DEFINE_integer('batch', 64, 'Batch size.', flag_values=fv)
+  flags.DEFINE_integer('batches', 20, 'Timed batches (after 3 warm-up).', flag_values=fv)
+
+
+@cli.command(define_flags, errors=(*cli.USER_ERRORS, FileNotFoundError))
+def main(args: cli.Args) -> None:
+  """Prints images/sec per dataset and resolution, and the host cores one H100 needs."""
   cores = os.cpu_count() or 1
   load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
   print(f'{cores} host cores, load average {load:.1f} at start; batch {args.batch}, '
@@ -101,4 +110,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -12,39 +12,39 @@ thin command line over vit_jax/curves.py, which also writes every run's own
 
 from __future__ import annotations
 
-import argparse
-import os
+import pathlib
 import sys
 
-if __package__ in (None, ''):  # python benchmarks/plot_curves.py from anywhere
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this clone's vit_jax
 
+from absl import flags  # noqa: E402
+
+from vit_jax import cli  # noqa: E402
 from vit_jax.curves import plot, read_metrics  # noqa: E402
 
 __all__ = ['main', 'plot', 'read_metrics']
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('runs', nargs='+', help='LABEL=WORKDIR')
-  parser.add_argument('--out', required=True, help='output .png')
-  parser.add_argument('--title', default='')
-  parser.add_argument('--lr', action='store_true', help='add a learning-rate panel')
-  args = parser.parse_args(argv)
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('out', None, 'Output .png.', flag_values=fv)
+  flags.mark_flag_as_required('out', flag_values=fv)
+  flags.DEFINE_string('title', '', 'Figure title.', flag_values=fv)
+  flags.DEFINE_bool('lr', False, 'Add a learning-rate panel.', flag_values=fv)
+
+
+@cli.command(define_flags, positional='runs', metavar='LABEL=WORKDIR [LABEL=WORKDIR ...]',
+             min_args=1, errors=(*cli.USER_ERRORS, FileNotFoundError))
+def main(args: cli.Args) -> None:
+  """Writes one PNG of the runs' curves, one line per LABEL=WORKDIR."""
   runs = []
   for spec in args.runs:
     label, sep, workdir = spec.partition('=')
     if not sep:
-      parser.error(f'expected LABEL=WORKDIR, got {spec!r}')
+      raise cli.UsageError(f'expected LABEL=WORKDIR, got {spec!r}')
     runs.append((label, workdir))
   panels = ('train_loss', 'accuracy_test') + (('lr',) if args.lr else ())
-  try:
-    plot(runs, args.out, args.title, panels)
-  except FileNotFoundError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  plot(runs, args.out, args.title, panels)
   print(f'wrote {args.out}')
-  return 0
 
 
 if __name__ == '__main__':

@@ -15,22 +15,21 @@ speed changes during the run.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
+import pathlib
 import platform
 import statistics
 import sys
 
-import jax
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this clone's vit_jax
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as a script from a clone without `pip install -e .`
-  sys.path.insert(0, ROOT)
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
-from configs import scratch
-from vit_jax import benchmark
+from configs import scratch  # noqa: E402
+from vit_jax import benchmark, cli  # noqa: E402
 
 # Report Table 2's resolution per dataset; one row group per distinct resolution.
 GROUPS = {
@@ -77,16 +76,24 @@ def measure_group(resolution: int, batch: int, repeats: int,
   return steps
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--resolutions', default='224,32,64')
-  p.add_argument('--batch', default='224:8,32:64,64:32',
-                 help='per-resolution batch, "res:batch,..."')
-  p.add_argument('--repeats', type=int, default=5)
-  p.add_argument('--only', default='', help='comma list of presets to keep')
-  args = p.parse_args()
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('resolutions', '224,32,64', 'Comma list of report resolutions.',
+                      flag_values=fv)
+  flags.DEFINE_string('batch', '224:8,32:64,64:32', 'Per-resolution batch, "res:batch,...".',
+                      flag_values=fv)
+  flags.DEFINE_integer('repeats', 5, 'Interleaved timing rounds.', flag_values=fv)
+  flags.DEFINE_string('only', '', 'Comma list of presets to keep.', flag_values=fv)
+
+
+@cli.command(define_flags)
+def main(args: cli.Args) -> None:
+  """Prints the markdown table (compile progress goes to stderr)."""
   batches = {int(k): int(v) for k, v in (kv.split(':') for kv in args.batch.split(','))}
   only = set(filter(None, args.only.split(',')))
+  resolutions = [int(r) for r in args.resolutions.split(',')]
+  if not set(resolutions) <= set(GROUPS):
+    raise cli.UsageError(f'--resolutions={args.resolutions}: the report resolutions are '
+                         f'{sorted(GROUPS)}')
   dev = jax.devices()[0]
   print(f'<!-- {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, jax {jax.__version__}, '
         f'{dev.platform}:{dev.device_kind}, {os.cpu_count()} host cores, '
@@ -94,9 +101,7 @@ def main() -> None:
   print('| model | preset | res | batch | params (M) | GFLOP/img | img/s (median) | '
         'img/s (best) | vs ViT-Ti | compile (s) |')
   print('|---|---|---|---|---|---|---|---|---|---|')
-  for res in (int(r) for r in args.resolutions.split(',')):
-    if res not in GROUPS:
-      raise SystemExit(f'resolution {res} is not a report resolution {sorted(GROUPS)}')
+  for res in resolutions:
     for s in measure_group(res, batches[res], args.repeats, only):
       print(f'| {s["label"]} | {s["preset"]} | {res} | {batches[res]} | {s["params"] / 1e6:.2f} | '
             f'{s["gflops"]:.2f} | {s["median"]:.1f} | {s["best"]:.1f} | {s["rel"]:.2f} | '
@@ -104,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

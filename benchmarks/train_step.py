@@ -21,24 +21,23 @@ If it is missing, the Flax figures are still printed.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
+import pathlib
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # this clone's vit_jax
 
-try:
-  from vit_jax import benchmark, models
-except ImportError:  # run as a script from a clone without `pip install -e .`
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from vit_jax import benchmark, models
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from vit_jax import benchmark, cli, models  # noqa: E402
 
 
 def import_timm() -> tuple[Any, str]:
@@ -149,21 +148,26 @@ def _cores() -> int:
     return os.cpu_count() or 1
 
 
-def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--model', default='ViT-Ti_16', help='preset in vit_jax.models.MODEL_CONFIGS')
-  p.add_argument('--resolution', type=int, default=224)
-  p.add_argument('--batch', type=int, default=32)
-  p.add_argument('--repeats', type=int, default=5, help='interleaved rounds; medians reported')
-  p.add_argument('--num_classes', type=int, default=1000)
-  p.add_argument('--dtype', choices=models.DTYPES, default='float32',
-                 help='bfloat16: Flax dtype=bfloat16 and timm under CPU autocast(bfloat16)')
-  p.add_argument('--modes', default='eval,train', help='comma list of eval,train')
-  p.add_argument('--no_timm', action='store_true', help='Flax figures only')
-  args = p.parse_args()
-  modes = [m for m in args.modes.split(',') if m]
-  if not set(modes) <= {'eval', 'train'}:
-    p.error(f'--modes must list eval and/or train, got {args.modes!r}')
+def define_flags(fv: flags.FlagValues) -> None:
+  flags.DEFINE_string('model', 'ViT-Ti_16', 'Preset in vit_jax.models.MODEL_CONFIGS.',
+                      flag_values=fv)
+  flags.DEFINE_integer('resolution', 224, 'Input side in pixels.', flag_values=fv)
+  flags.DEFINE_integer('batch', 32, 'Batch size.', flag_values=fv)
+  flags.DEFINE_integer('repeats', 5, 'Interleaved rounds; medians reported.', flag_values=fv)
+  flags.DEFINE_integer('num_classes', 1000, 'Head size.', flag_values=fv)
+  flags.DEFINE_enum('dtype', 'float32', models.DTYPES,
+                    'bfloat16: Flax dtype=bfloat16 and timm under CPU autocast(bfloat16).',
+                    flag_values=fv)
+  flags.DEFINE_list('modes', ['eval', 'train'], 'Comma list of eval,train.', flag_values=fv)
+  flags.DEFINE_bool('no_timm', False, 'Flax figures only.', flag_values=fv)
+
+
+@cli.command(define_flags)
+def main(args: cli.Args) -> None:
+  """Prints Flax and timm images/sec per mode, and their same-round ratio."""
+  modes = [m for m in args.modes if m]
+  if not modes or not set(modes) <= {'eval', 'train'}:
+    raise cli.UsageError(f'--modes must list eval and/or train, got {",".join(modes)!r}')
 
   cfg = models.get_config(args.model).to_dict()
   cores = _cores() if jax.devices()[0].platform == 'cpu' else jax.local_device_count()
@@ -224,4 +228,4 @@ def main() -> None:
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

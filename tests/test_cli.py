@@ -51,6 +51,29 @@ def test_every_cli_answers_help():
     assert TOOLS[tool] in out and '--[no]verbose' in out, (tool, out[-3000:])
 
 
+def test_benchmark_scripts_answer_help_and_reject_unknown_flags():
+  """benchmarks/*.py follow the same convention; their usage line is the script's path."""
+  scripts = sorted(p.name for p in (REPO / 'benchmarks').glob('*.py'))
+  assert {'gpu_vs_timm.py', 'input_pipeline.py', 'plot_curves.py', 'table1.py',
+          'train_step.py'} <= set(scripts)
+  procs = {(name, arg): subprocess.Popen([sys.executable, f'benchmarks/{name}', arg], cwd=REPO,
+                                         env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, text=True)
+           for name in scripts for arg in ('--help', '--no_such_flag')}
+  for (name, arg), proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    assert 'argparse' not in (REPO / 'benchmarks' / name).read_text(), name
+    usage = f'Usage: python benchmarks/{name} [flags]'
+    if arg == '--help':
+      assert proc.returncode == 0 and 'Traceback' not in err, (name, err[-2000:])
+      assert usage in out and '--[no]verbose' in out, (name, out[-3000:])
+    else:
+      assert proc.returncode == 1, (name, out[-2000:], err[-2000:])
+      assert ERROR_LINE.findall(err) == [('UsageError', "Unknown command line flag "
+                                                        "'no_such_flag'")], (name, err)
+      assert err.startswith('ERROR (') and usage in err, (name, err)
+
+
 def _flag_names(tool) -> set[str]:
   _, fv = _module(tool).main.command.parse(['--help'])
   return {fv[name].name for name in fv}

@@ -1,4 +1,5 @@
-r"""The one command-line convention of the ``python -m vit_jax.<tool>`` commands.
+r"""The one command-line convention of the ``python -m vit_jax.<tool>`` commands
+(and of the ``python benchmarks/<name>.py`` scripts).
 
 absl flags, as ``vit_jax.main`` and big_vision. A tool is a function decorated
 with `command`, which turns it into ``main(argv=None) -> int``::
@@ -24,7 +25,9 @@ with `command`, which turns it into ``main(argv=None) -> int``::
   ``main.command`` is the `Command`: ``main.command.parse(argv)`` gives the
   parsed `Args` without running the tool.
 * ``--help`` (or ``-h``, ``--helpshort``, ``--helpfull``) prints the module
-  docstring, the usage line and the tool's flags to stdout; exit status 0.
+  docstring, the usage line and the tool's flags to stdout; exit status 0. The
+  usage line says how the module runs: ``python -m vit_jax.<tool>``, or for a
+  script run by its path, ``python benchmarks/<name>.py``.
 * Errors come out in one format, one line on stderr, exit status 1::
 
     ERROR (<exception type>): <message>
@@ -65,7 +68,8 @@ UsageError = app.UsageError
 # are ValueErrors; FloatingPointError is a diverged training run.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FloatingPointError)
 HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull')
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_PACKAGE = pathlib.Path(__file__).resolve().parent
+_REPO = _PACKAGE.parent
 
 
 class Args(types.SimpleNamespace):
@@ -81,7 +85,7 @@ class Command:
 
   body: Callable[[Args], int | None]
   define: Callable[[flags.FlagValues], None] | None
-  prog: str
+  prog: str  # the module's name, or a script's path ('benchmarks/x.py'): see usage()
   doc: str
   positional: str | None = None
   metavar: str = ''
@@ -93,8 +97,10 @@ class Command:
   log: bool = False
 
   def usage(self) -> str:
-    """The one-line synopsis: ``python -m vit_jax.<tool> [flags] ARGS``."""
-    return ' '.join(filter(None, [f'python -m {self.prog}', '[flags]',
+    """The one-line synopsis: ``python -m vit_jax.<tool> [flags] ARGS`` (a script:
+    ``python benchmarks/<name>.py [flags] ARGS``)."""
+    run = f'python {self.prog}' if self.prog.endswith('.py') else f'python -m {self.prog}'
+    return ' '.join(filter(None, [run, '[flags]',
                                   self.metavar if self.positional else '']))
 
   def help(self, fv: flags.FlagValues) -> str:
@@ -218,12 +224,11 @@ def command(define: Callable[[flags.FlagValues], None] | None = None, *,
   """
 
   def wrap(body: Callable[[Args], int | None]) -> Callable[..., int]:
-    module = sys.modules[body.__module__]
-    spec = getattr(module, '__spec__', None)
-    tool = Command(body, define, prog=spec.name if spec else module.__name__,
-                   doc=module.__doc__ or '', positional=positional, metavar=metavar,
-                   min_args=min_args, max_args=max_args, errors=errors, config=config,
-                   lock_config=lock_config, log=log)
+    home = body.__globals__  # its module's namespace, even one not in sys.modules
+    tool = Command(body, define, prog=_prog(home), doc=home.get('__doc__') or '',
+                   positional=positional, metavar=metavar, min_args=min_args,
+                   max_args=max_args, errors=errors, config=config, lock_config=lock_config,
+                   log=log)
 
     @functools.wraps(body)
     def main(argv: Sequence[str] | None = None) -> int:
@@ -235,6 +240,18 @@ def command(define: Callable[[flags.FlagValues], None] | None = None, *,
     return main
 
   return wrap
+
+
+def _prog(home: dict[str, Any]) -> str:
+  """How the module of namespace `home` runs: a vit_jax module by its name
+  (``python -m vit_jax.<tool>``), any other file as a script by its path from
+  the repository (``python benchmarks/<name>.py``)."""
+  file = home.get('__file__')
+  if not file or _PACKAGE in pathlib.Path(file).resolve().parents:
+    spec = home.get('__spec__')
+    return spec.name if spec else home['__name__']
+  path = pathlib.Path(file).resolve()
+  return str(path.relative_to(_REPO)) if _REPO in path.parents else str(path)
 
 
 def _own_flags(fv: flags.FlagValues) -> list[str]:
