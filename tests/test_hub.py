@@ -99,6 +99,28 @@ def test_a_file_needs_no_model_name_and_gives_its_labels():
   assert model.module.apply(model.variables, x, train=False).shape == (2, 200)
 
 
+def test_num_classes_gives_the_fine_tuning_start(tmp_path):
+  """hub.load(..., num_classes=N) is what training starts a fine-tune from
+  (checkpoint.load_pretrained): the file's body, a zero head of N classes,
+  here also at a new resolution (posembs resized)."""
+  model = hub.load(str(SHIPPED), num_classes=7, image_size=40, labels=list('abcdefg'))
+  assert model.num_classes == 7 and model.labels == list('abcdefg')
+  head = model.params['head']
+  assert head['kernel'].shape == (192, 7) and not np.any(head['kernel']) and not np.any(head['bias'])
+  module = models.get_model('SmallViT_8', num_classes=7)
+  init = jax.jit(module.init)(jax.random.PRNGKey(1), jnp.zeros((1, 40, 40, 3)))['params']
+  tuned = checkpoint.load_pretrained(str(SHIPPED), jax.tree.map(np.asarray, init),
+                                     models.get_config('SmallViT_8'))
+  _same(model.params, tuned)
+  probs = model.probs(np.zeros((2, 40, 40, 3), np.float32))
+  np.testing.assert_allclose(probs, 1 / 7, rtol=1e-6)   # a zero head: uniform
+  assert hub.load(str(SHIPPED), num_classes=7).labels is None   # the file's 200 names do not apply
+  same = hub.load(str(SHIPPED), num_classes=200)   # the file's own count: its own head
+  _same(same.params, hub.load(str(SHIPPED)).params)
+  with pytest.raises(hub.HubError, match='num_classes must be positive'):
+    hub.load(str(SHIPPED), num_classes=0)
+
+
 def test_errors_are_hub_errors_with_the_reason(tmp_path):
   with pytest.raises(hub.HubError, match='Name a model'):
     hub.load('')

@@ -481,6 +481,10 @@ def shape_diff(restored: Mapping[str, Any], expected: Mapping[str, Any]) -> list
   return lines
 
 
+# The classifier heads a fine-tune replaces (head_dist: DeiT's distillation head).
+HEADS = ('head', 'head_dist')
+
+
 def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_config: Any,
                     *, grid: Sequence[int] | None = None) -> dict[str, Any]:
   """Loads a pre-trained checkpoint into the shape of `init_params`.
@@ -498,7 +502,7 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
   if representation_size is None:
     restored = {k: v for k, v in restored.items() if not k.startswith('pre_logits/')}
   # A fine-tune always starts from the model's own (zero-initialised) head.
-  is_head = lambda k: k.split('/')[0] in ('head', 'head_dist')
+  is_head = lambda k: k.split('/')[0] in HEADS
   restored = {k: v for k, v in restored.items() if not is_head(k)}
   restored.update({k: v for k, v in expected.items() if is_head(k)})
 
@@ -579,7 +583,7 @@ def arch_diff(params: Mapping[str, Any], model_config: Any) -> list[str]:
   the number of position-embedding tokens (resampled).
   """
   got, want = _shapes(params), _model_shapes(_config_json(model_config))
-  is_head = lambda k: k.split('/')[0] in ('head', 'head_dist')
+  is_head = lambda k: k.split('/')[0] in HEADS
   got = {k: v for k, v in got.items() if not is_head(k)}
   want = {k: v for k, v in want.items() if not is_head(k)}
   if vit.config_value(model_config, 'representation_size') is None:

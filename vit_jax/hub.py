@@ -10,6 +10,7 @@
   top5 = model.predict(['cat.jpg', 'photos/'])     # per image: [{label, name, prob}, ...]
   batch, raw = model.load_images(paths)             # the eval preprocessing, TF-free
   logits = model(batch)                             # = model.module.apply(model.variables, ...)
+  start = hub.load('ViT-B_16', num_classes=10, image_size=384)   # fine-tuning's start
 
 A `Model` is the flax module, its variables, the model config, the class
 names (when known) and the eval preprocessing (resolution, `pp_eval`,
@@ -169,7 +170,8 @@ def trained_image_size(params: Any, model_config: Any) -> tuple[int, int] | None
 
 def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
          checkpoint: str | None = None, labels: str | Sequence[str] | None = None,
-         image_size: int | Sequence[int] | None = None, dtype: str = 'auto') -> Model:
+         image_size: int | Sequence[int] | None = None, dtype: str = 'auto',
+         num_classes: int | None = None) -> Model:
   """The `Model` of a preset name, file, URL or training workdir (module docstring).
 
   model: a preset name or model config; default the workdir's / file's own.
@@ -179,6 +181,9 @@ def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
     or the file's `<name>.labels.txt`.
   image_size: run at this resolution (position embeddings resized).
   dtype: computation dtype (models.resolve_dtype).
+  num_classes: a new head for fine-tuning: the file's head (and `pre_logits`)
+    replaced by one zero-initialised linear layer of this many classes (paper
+    App. B.1.1; timm's `num_classes=`). Class names then come only from `labels`.
   """
   name = os.fspath(name)
   if not name:
@@ -210,8 +215,15 @@ def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
   if info.get('num_classes') is None:
     raise HubError(f'{source} has no classification head (`head/kernel`).')
   is_vit = mc.get('model_type', 'vit') == 'vit'
+  classes = int(info['num_classes'])
+  new_head = num_classes is not None and num_classes != classes
+  if new_head:
+    if num_classes < 1:
+      raise HubError(f'num_classes must be positive, got {num_classes}.')
+    params = {k: v for k, v in params.items() if k not in ckpt.HEADS + ('pre_logits',)}
+    classes = int(num_classes)
   if is_vit:
-    mc.representation_size = info.get('representation_size')
+    mc.representation_size = None if new_head else info.get('representation_size')
 
   # The run's eval preprocessing; for a file outside a run, its sidecar's.
   side = {} if config else ((ckpt.read_sidecar(source) or {}).get('preprocessing') or {})
@@ -222,14 +234,15 @@ def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
     raise HubError(f'Cannot tell the input resolution of {source}: pass image_size.')
   size = hw(size)
 
-  module = models.get_model(mc, num_classes=int(info['num_classes']), dtype=dtype)
-  params = _fit(module, params, size, source, mc)
+  module = models.get_model(mc, num_classes=classes, dtype=dtype)
+  params = _fit(module, params, size, source, mc, new_head)
+  names = (_labels(labels, None, '', classes) if new_head else
+           _labels(labels, wd if config else None, source, classes))
   return Model(module=module, params=params, model_config=mc, image_size=size,
                batch_stats=variables.get('batch_stats'),
                pp_eval=pp.get('eval') or 'resize',
                crop_fraction=float(pp.get('crop_fraction') or CROP_FRACTION),
-               labels=_labels(labels, wd if config else None, source, int(info['num_classes'])),
-               source=source)
+               labels=names, source=source)
 
 
 def _config_dict(config: dict[str, Any]):
@@ -260,8 +273,10 @@ def _workdir_variables(wd: Workdir, mc: Any, step: int | None,
   return variables, f'{wd.checkpoints_dir}/{step}'
 
 
-def _fit(module: Any, params: Any, size: tuple[int, int], source: str, mc: Any) -> Any:
-  """`params` in the shapes `module` has at `size` (posembs resized), or HubError."""
+def _fit(module: Any, params: Any, size: tuple[int, int], source: str, mc: Any,
+         new_head: bool = False) -> Any:
+  """`params` in the shapes `module` has at `size` (posembs resized; with
+  `new_head`, a zero-initialised head added), or HubError."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   rng = jax.random.PRNGKey(0)
@@ -274,7 +289,11 @@ def _fit(module: Any, params: Any, size: tuple[int, int], source: str, mc: Any) 
       raise HubError(f'Cannot run {source} at {size[0]}x{size[1]}: the image size must be '
                      f'a multiple of its {sh}x{sw} patches.')
     grid = (size[0] // sh, size[1] // sw)
-  flat = ckpt.fit_position_embeddings(ckpt.flatten(params), expected, mc, grid=grid)
+  flat = ckpt.flatten(params)
+  if new_head:
+    flat.update({k: np.zeros(v.shape, v.dtype) for k, v in expected.items()
+                 if k.split('/')[0] in ckpt.HEADS})
+  flat = ckpt.fit_position_embeddings(flat, expected, mc, grid=grid)
   diff = ckpt.shape_diff(flat, expected)
   if diff:
     raise HubError(f'{source} does not fit the model {mc.get("model_name") or ""} at '
