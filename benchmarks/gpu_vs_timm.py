@@ -22,7 +22,8 @@ g.worker_jax(...)"``), in this order, skipping what no longer fits `--budget_s`:
    step (no clipping: timm users' plain loop);
 5. the training loop itself (`python -m vit_jax.main`, `dataset=synthetic`)
    at the step's shape: its logged images/sec over the benchmark step's;
-6. ablations: the einsum attention at 224 and 384, and ViT-L/16 and ViT-H/14
+6. ablations: the einsum attention at 224 and 384, the 224 train step under
+   other XLA GEMM code generation (`XLA_FLAG_VARIANTS`), and ViT-L/16 and ViT-H/14
    at 384 with per-block remat (peak memory of a 32- and a 16-image
    micro-batch step: what batch 512 through accumulation needs).
 
@@ -76,6 +77,9 @@ JAX_EXTRA = [
     ('H14-384-train-bf16-remat', 'ViT-H_14', 384, 16, True, 'bfloat16',
      {'remat': 'dots_with_no_batch_dims_saveable'}),
 ]
+# XLA GPU code-generation choices worth knowing for the 224 train step
+# (docs.jax.dev "GPU performance tips"): cuBLAS only, or Triton for any GEMM.
+XLA_FLAG_VARIANTS = ['--xla_gpu_enable_triton_gemm=false', '--xla_gpu_triton_gemm_any=true']
 SMOKE_JAX = [('Ti16-32-train-f32', 'ViT-Ti_16', 32, 4, True, 'float32', {}),
              ('Ti16-32-infer-f32', 'ViT-Ti_16', 32, 8, False, 'float32', {})]
 SMOKE_TORCH = [('Ti16-32-train-f32', 32, 4, True, 'float32', False)]
@@ -151,15 +155,20 @@ def worker_attention_probe(smoke: bool) -> None:
       emit(rec)
 
 
-def worker_jax(cases: list, repeats: int, pad_multiple: int) -> None:
+def worker_jax(cases: list, repeats: int, pad_multiple: int, xla_flags: str = '') -> None:
+  """Times `cases`; `xla_flags` are added to XLA_FLAGS (before JAX starts)."""
+  if xla_flags:
+    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {xla_flags}'.strip()
   import jax
   from vit_jax import benchmark
   from vit_jax.models import vit
   vit.ATTENTION_PAD_MULTIPLE = pad_multiple
   for name, model_name, res, batch, train, dtype, variant in cases:
     t0 = time.time()
-    rec = dict(framework='jax', case=name, model=model_name, res=res, batch=batch, train=train,
-               dtype=dtype, variant=variant, pad_multiple=pad_multiple)
+    label = ' '.join('+' + f.replace('--xla_gpu_', '') for f in xla_flags.split())
+    rec = dict(framework='jax', case=f'{name} {label}'.strip(),
+               model=model_name, res=res, batch=batch, train=train, dtype=dtype,
+               variant=variant, pad_multiple=pad_multiple, xla_flags=xla_flags)
     try:
       model, variables = benchmark.build(model_name, num_classes=1000, resolution=res,
                                          dtype=dtype, **variant)
@@ -405,9 +414,13 @@ def main(args: cli.Args) -> None:
            args.smoke)
     if left() > 30:
       records.extend(run_loop(jax_cases[0], pad, 0.4 * left(), log, args.smoke))
-    if not args.smoke:
+    if args.smoke:   # The XLA-flags path, once.
+      worker(worker_jax, 0.4, jax_cases[:1], args.repeats, pad, XLA_FLAG_VARIANTS[0])
+    else:
       worker(worker_torch, 0.5, torch_cases[3:], args.repeats, args.smoke)
       worker(worker_jax, 0.6, JAX_EXTRA[:3], args.repeats, pad)
+      for flags in XLA_FLAG_VARIANTS:   # The 224 step under other XLA code generation.
+        worker(worker_jax, 0.4, JAX_CASES[:1], args.repeats, pad, flags)
       for case in JAX_EXTRA[3:]:   # Each in its own process: its own peak memory.
         worker(worker_jax, 0.6, [case], args.repeats, pad)
   with open(os.path.join(args.out, 'results.jsonl'), 'w') as f:
