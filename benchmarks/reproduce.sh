@@ -70,6 +70,10 @@ if [[ $what == methods || $what == all ]]; then
   for p in none learn learn2d rel sincos2d; do
     run posemb_$p --config=configs/posemb_ablation.py:$p --config.dataset=folder:$CIFAR10_DIR
   done
+  # Class token vs. global average pooling, each at two peak rates (App. D.3).
+  for r in token,1e-3 gap,1e-3 gap,3e-4 token,3e-4; do
+    run head_${r/,/_} --config=configs/head_ablation.py:$r --config.dataset=folder:$CIFAR10_DIR
+  done
   # The learning-rate protocol (Table 4) for the digits fine-tune.
   if [[ ! -f $W/sweep_digits/sweep.json ]] || ! grep -q '"final": {' $W/sweep_digits/sweep.json; then
     python -m vit_jax.sweep --config=configs/finetune_shipped.py:digits \
