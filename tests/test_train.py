@@ -170,6 +170,35 @@ def test_two_processes_match_one_process(reference, tmp_path):
                       ref.params, rtol=1e-5)
 
 
+def test_two_processes_share_the_image_check_of_a_folder(tmp_path):
+  """Each process decodes half of an image folder; a bad file found by either is
+  skipped by both (the flags are all-gathered), and both train."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  root = tmp_path / 'images'
+  for c in ('a', 'b'):
+    (root / c).mkdir(parents=True)
+    for i in range(12):
+      Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / c / f'{i}.png')
+  (root / 'b' / 'broken.png').write_bytes(b'not a png')
+  port = _free_port()
+  workdir = tmp_path / 'w'
+  procs = [subprocess.Popen(
+      main_cmd(workdir, f'--coordinator_address=localhost:{port}', '--num_processes=2',
+               f'--process_id={i}', '--cpu_collectives=gloo', f'--config.dataset=folder:{root}',
+               '--config.num_classes=None', '--config.skip_bad_images=True',
+               '--config.total_steps=2', '--config.batch_size_eval=4'),
+      cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+    assert 'Skipping 1 undecodable image file(s)' in err and 'broken.png' in err
+  checks = {f.name: json.loads(f.read_text()) for f in workdir.glob('image_check*.json')}
+  assert sorted(checks) == ['image_check.0-of-2.json', 'image_check.1-of-2.json']
+  assert sum(len(v) for v in checks.values()) == 25   # every file decoded once
+
+
 def test_sigkill_and_relaunch_gives_identical_params(reference, tmp_path):
   _, ref = reference
   workdir = tmp_path / 'killed'

@@ -679,7 +679,7 @@ def check_images(paths: list[str], cache_dir: str | None = None,
   here for its reason (few files).
   """
   index, count = shard
-  if count > 1:
+  if count > 1 and paths:
     mine = _check_images(paths[index::count], cache_dir, threads,
                          f'image_check.{index}-of-{count}.json')
     flags = np.zeros(len(paths), np.int8)
