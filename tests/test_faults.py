@@ -422,6 +422,73 @@ def test_full_disk_during_export(finished, tmp_path, force_rlimit):
       subprocess.run(['umount', '-l', mounted], check=False)
 
 
+_FULL_DISK_AT = """
+import os
+import orbax.checkpoint as ocp
+_save, _at = ocp.CheckpointManager.save, int(os.environ['VIT_JAX_TEST_FULL_DISK_AT'])
+def _full(self, step, *args, **kwargs):
+  if step >= _at:   # What a full disk raises from inside orbax's write.
+    raise OSError(28, 'No space left on device', os.path.join(str(self.directory), str(step)))
+  return _save(self, step, *args, **kwargs)
+ocp.CheckpointManager.save = _full
+"""
+
+
+def test_full_disk_during_a_checkpoint_loses_nothing(finished, tmp_path):
+  """The save of step 4 fails: one line says steps up to 2 are complete and how
+  to resume; the relaunch (with room) ends bit-identical to the uninterrupted run."""
+  site = tmp_path / 'site'
+  site.mkdir()
+  (site / 'sitecustomize.py').write_text(_FULL_DISK_AT)
+  env = dict(ENV, VIT_JAX_TEST_FULL_DISK_AT='4',
+             PYTHONPATH=f'{site}{os.pathsep}{ENV.get("PYTHONPATH", "")}')
+  workdir = tmp_path / 'w'
+  line = error_line(run(workdir, *SAME, ok=False, env=env))
+  assert line.startswith('ERROR (WorkdirError): Cannot save the checkpoint of step 4 in '), line
+  assert 'No space left on device' in line
+  assert 'checkpoints up to step 2 are complete' in line and 'resume from step 2' in line
+  assert steps(workdir) == [2] and not (workdir / EXPORT).exists()
+  out = run(workdir, *SAME)
+  assert 'Resumed from' in out.stderr and 'at step 2' in out.stderr
+  assert_same_export(workdir, finished)
+
+
+@pytest.mark.slow
+def test_a_really_full_disk_during_a_checkpoint(finished, tmp_path):
+  """The same on a tmpfs with room for about one and a half checkpoints."""
+  disk = tmp_path / 'disk'
+  mounted = _small_disk(disk, 8192)
+  if not mounted:
+    pytest.skip('needs root to mount a small tmpfs (the simulated case runs anyway)')
+  try:
+    step_bytes = sum(f.stat().st_size for f in (finished / 'checkpoints' / '4').rglob('*')
+                     if f.is_file())
+    filler = disk / 'filler'
+    with open(filler, 'wb', buffering=0) as f:
+      try:
+        while f.write(b'\0' * 4096):
+          pass
+      except OSError:
+        pass
+    os.truncate(filler, max(0, filler.stat().st_size - int(1.5 * step_bytes) - 64 * 1024))
+    workdir = disk / 'w'
+    out = run(workdir, *SAME, ok=False)
+    # orbax logs the failed write (with its traceback) from its own thread; ours
+    # is the one ERROR line, last.
+    assert out.returncode == 1
+    lines = [ln for ln in out.stderr.splitlines() if ln.startswith('ERROR')]
+    assert len(lines) == 1 and out.stderr.rstrip().endswith(lines[0]), out.stderr[-3000:]
+    line = lines[0]
+    assert 'Cannot save the checkpoint of step 4' in line and 'No space left on device' in line
+    assert steps(workdir) == [2]
+    filler.unlink()
+    out = run(workdir, *SAME)
+    assert 'Resumed from' in out.stderr and 'at step 2' in out.stderr
+    assert_same_export(workdir, finished)
+  finally:
+    subprocess.run(['umount', '-l', mounted], check=False)
+
+
 # ---------------------------------------------------------------------------
 # Checkpoint values (checkpoint.load / load_pretrained, predict, evaluate).
 # ---------------------------------------------------------------------------

@@ -65,8 +65,9 @@ from absl import app, flags
 UsageError = app.UsageError
 # What the tools report in one line by default: their own error classes
 # (CheckpointError, PredictError, ExportError, ConfigError, WorkdirError, ...)
-# are ValueErrors; FloatingPointError is a diverged training run.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FloatingPointError)
+# are ValueErrors; FloatingPointError is a diverged training run; OSError is
+# the machine's (a full disk, a missing or unwritable path), with its path.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FloatingPointError, OSError)
 HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull')
 _PACKAGE = pathlib.Path(__file__).resolve().parent
 _REPO = _PACKAGE.parent

@@ -549,8 +549,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
                         'the divergence bound %.4g.', step, guard.over[-1][1],
                         guard.bound)
       elif do_ckpt:
-        manager.save(step, args=ocp.args.StandardSave(state))
-        workdir_lib.write_digest(ckpt_dir, step)
+        workdir_lib.save_step(manager, ckpt_dir, step, state, last_saved)
         last_saved = step
       meter.start()
   manager.wait_until_finished()

@@ -356,6 +356,39 @@ def _file_digests(step_dir) -> dict[str, str]:
           for p in _files(step_dir) if p.name != DIGEST_NAME}
 
 
+# What a failed write says when the storage, not the code, is at fault.
+_STORAGE_ERRORS = ('No space left on device', 'Disk quota exceeded', 'File too large',
+                   'Read-only file system', 'Permission denied', 'RESOURCE_EXHAUSTED')
+
+
+def save_step(manager: Any, ckpt_dir: str, step: int, state: Any,
+              last_saved: int | None) -> None:
+  """Saves `state` as orbax step `step` plus its digest, or raises WorkdirError.
+
+  A full disk (or a quota, a read-only or unwritable directory) is the
+  storage's fault: one clear error saying that the steps saved before are
+  complete and the same command resumes from the last of them once there is
+  room (the half-written step is removed on relaunch). Anything else is a
+  bug and propagates as it is.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    manager.save(step, args=ocp.args.StandardSave(state))
+    write_digest(ckpt_dir, step)
+  except Exception as e:  # noqa: BLE001 - storage errors become WorkdirError below
+    text = str(e)
+    reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+              next((r for r in _STORAGE_ERRORS if r in text), None))
+    if reason is None and not isinstance(e, OSError):
+      raise
+    resume = (f'checkpoints up to step {last_saved} are complete; make room and re-run the '
+              f'same command to resume from step {last_saved}' if last_saved is not None else
+              'no earlier checkpoint exists; make room and re-run the same command')
+    raise WorkdirError(f'Cannot save the checkpoint of step {step} in {ckpt_dir}: '
+                       f'{reason or text[:300]}. Nothing else is lost: {resume} (the '
+                       'half-written step is removed then).') from e
+
+
 def write_digest(ckpt_dir: str, step: int) -> None:
   """Records the sha256 of every file of checkpoints/<step> (process 0)."""
   if not _is_main():
