@@ -88,6 +88,18 @@ def test_predict_matches_direct_apply(saved_model, capsys):
   # The same from Python: hub.load(...).predict(paths), and the model called on a batch.
   bundle = hub.load(str(wd))
   assert bundle.predict([str(tmp / 'imgs')], k=3) == [o['top_k'] for o in out]
+  # Batch by batch (one batch of images in memory): the same numbers.
+  chunks = list(bundle.iter_probs([str(tmp / 'imgs')], batch_size=2))
+  assert [files for files, _ in chunks] == [files[:2], files[2:]]
+  np.testing.assert_allclose(np.concatenate([p for _, p in chunks]), probs, atol=1e-6)
+  assert predict.main([f'--workdir={wd}', '--json', '--top_k=3', '--batch_size=2',
+                       str(tmp / 'imgs')]) == 0
+  again = json.loads(capsys.readouterr().out)   # equal up to batch-size-dependent rounding
+  assert [o['image'] for o in again] == files
+  for a, b in zip(again, out):
+    assert [r['label'] for r in a['top_k']] == [r['label'] for r in b['top_k']]
+    np.testing.assert_allclose([r['prob'] for r in a['top_k']], [r['prob'] for r in b['top_k']],
+                               atol=1e-6)
   batch, raw = bundle.load_images(files)
   assert [r.shape for r in raw] == [(32, 32, 3), (20, 45, 3), (64, 48, 3)]
   np.testing.assert_allclose(bundle(batch), model.apply({'params': params}, images, train=False),

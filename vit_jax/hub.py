@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -115,10 +115,20 @@ class Model:
     return [[{'label': int(c), 'name': self.labels[c] if self.labels else str(int(c)),
               'prob': float(p[c])} for c in row] for p, row in zip(probs, order)]
 
+  def iter_probs(self, paths: Sequence[str],
+                 batch_size: int = 32) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(image files, their probabilities), `batch_size` files at a time, over
+    files and/or folders (recursive, sorted): one batch of images in memory."""
+    files = images.collect_images(paths)
+    for i in range(0, len(files), batch_size):
+      chunk = files[i:i + batch_size]
+      yield chunk, self.probs(self.load_images(chunk)[0], batch_size)
+
   def predict(self, paths: Sequence[str], k: int = 5,
               batch_size: int = 32) -> list[list[dict[str, Any]]]:
     """The top-k classes of every image file (folders: recursive, sorted)."""
-    return self.top_k(self.probs(self.load_images(paths)[0], batch_size), k)
+    return [row for _, probs in self.iter_probs(paths, batch_size)
+            for row in self.top_k(probs, k)]
 
 
 # ---------------------------------------------------------------------------

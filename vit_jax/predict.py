@@ -28,7 +28,6 @@ import numpy as np
 from absl import flags
 
 from vit_jax import cli, hub
-from vit_jax import images as images_lib
 
 
 class PredictError(ValueError):
@@ -67,12 +66,13 @@ def main(args: cli.Args) -> None:
   bundle = hub.load(args.workdir or args.checkpoint or _missing(), model=args.model,
                     checkpoint=args.checkpoint if args.workdir else None,
                     labels=args.labels, image_size=args.image_size, dtype=args.dtype)
-  paths = images_lib.collect_images(args.images)
-  probs = bundle.probs(bundle.load_images(paths)[0], args.batch_size)
-  if not np.all(np.isfinite(probs)):
-    raise PredictError(f'the model gave non-finite outputs for {bundle.source}; '
-                       'no predictions printed.')
-  results = bundle.top_k(probs, args.top_k)
+  paths, results = [], []
+  for files, probs in bundle.iter_probs(args.images, args.batch_size):   # a batch in memory
+    if not np.all(np.isfinite(probs)):
+      raise PredictError(f'the model gave non-finite outputs for {bundle.source}; '
+                         'no predictions printed.')
+    paths += files
+    results += bundle.top_k(probs, args.top_k)
   if args.json:
     print(json.dumps([{'image': p, 'top_k': r} for p, r in zip(paths, results)], indent=1))
   else:
