@@ -34,7 +34,8 @@ def main(*args, timeout=300):
     'vit:b32,oxford_iiit_pet', 'augreg:B_16', 'augreg:S_16,cifar100',
     'folder:/data/x', 'folder:/data/x,scratch', 'pretrain_tiny_imagenet',
     'finetune_shipped:digits', 'finetune_shipped:cifar10',
-    'finetune_shipped:tiny_imagenet', 'posemb_ablation:learn'])
+    'finetune_shipped:tiny_imagenet', 'posemb_ablation:learn',
+    'head_ablation:gap,3e-4'])
 def test_every_config_validates(spec):
   name, _, arg = spec.partition(':')
   module = importlib.import_module(f'configs.{name}')
