@@ -368,6 +368,19 @@ def _small_disk(path: pathlib.Path, size_kib: int) -> str | None:
   return str(path) if out.returncode == 0 else None
 
 
+def _fill(disk: pathlib.Path, room: int) -> pathlib.Path:
+  """Fills the mounted `disk` with a file, then frees `room` bytes of it."""
+  filler = disk / 'filler'
+  with open(filler, 'wb', buffering=0) as f:
+    try:
+      while f.write(b'\0' * 4096):
+        pass
+    except OSError:
+      pass
+  os.truncate(filler, max(0, filler.stat().st_size - room))
+  return filler
+
+
 def _fsize_limit(kib: int):
   import resource  # pylint: disable=g-import-not-at-top
 
@@ -391,14 +404,7 @@ def test_full_disk_during_export(finished, tmp_path, force_rlimit):
     # What a run killed inside the export leaves behind.
     (workdir / f'{EXPORT}.tmp-999999').write_bytes(b'\0' * 1000)
     if mounted:  # A real full disk: leave less room than the export needs.
-      filler = disk / 'filler'
-      with open(filler, 'wb', buffering=0) as f:
-        try:
-          while f.write(b'\0' * 4096):
-            pass
-        except OSError:
-          pass
-      os.truncate(filler, filler.stat().st_size - export_size // 2)
+      filler = _fill(disk, export_size // 2)
       out = subprocess.run(cmd(workdir, *SAME), cwd=REPO, env=ENV, capture_output=True,
                            text=True, timeout=240, check=False)
     else:  # Not root: a write-limited process (RLIMIT_FSIZE) instead.
@@ -463,14 +469,7 @@ def test_a_really_full_disk_during_a_checkpoint(finished, tmp_path):
   try:
     step_bytes = sum(f.stat().st_size for f in (finished / 'checkpoints' / '4').rglob('*')
                      if f.is_file())
-    filler = disk / 'filler'
-    with open(filler, 'wb', buffering=0) as f:
-      try:
-        while f.write(b'\0' * 4096):
-          pass
-      except OSError:
-        pass
-    os.truncate(filler, max(0, filler.stat().st_size - int(1.5 * step_bytes) - 64 * 1024))
+    filler = _fill(disk, int(1.5 * step_bytes) + 64 * 1024)
     workdir = disk / 'w'
     out = run(workdir, *SAME, ok=False)
     # orbax logs the failed write (with its traceback) from its own thread; ours
