@@ -97,6 +97,27 @@ def test_auto_attention_and_dtype_resolution_on_cpu():
     models.resolve_dtype('float16')
 
 
+@pytest.mark.parametrize('backend, capability, dtype, attention', [
+    ('gpu', '9.0', jnp.bfloat16, 'cudnn'),     # H100
+    ('gpu', '8.0', jnp.bfloat16, 'cudnn'),     # A100
+    ('gpu', '7.5', jnp.float32, 'einsum'),     # T4 (Colab): no bf16 units, no flash attention
+    ('gpu', '7.0', jnp.float32, 'einsum'),     # V100
+    ('gpu', 'gfx90a', jnp.bfloat16, 'einsum'),  # AMD: bf16 units, no cuDNN
+    ('tpu', None, jnp.bfloat16, 'einsum'),
+])
+def test_auto_follows_the_hardware(monkeypatch, backend, capability, dtype, attention):
+  class Device:
+    pass
+  device = Device()
+  if capability:
+    device.compute_capability = capability
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
+  monkeypatch.setattr(jax, 'devices', lambda *a: [device])
+  assert models.resolve_dtype('auto') == dtype
+  assert vit._resolve_attention('auto', models.resolve_dtype('auto')) == attention
+  assert vit._resolve_attention('auto', jnp.float32) == 'einsum'
+
+
 def test_remat_keeps_the_tree_and_the_gradients():
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
   plain = models.get_model(_cfg(layers=2), num_classes=5)

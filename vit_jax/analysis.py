@@ -455,7 +455,7 @@ def run_all(bundle: Any, paths: Sequence[str], out_dir: str,
 
 def define_flags(fv: flags.FlagValues) -> None:
   """The flags of ``python -m vit_jax.analysis``."""
-  from vit_jax.models import DTYPES  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import AUTO_DTYPE, DTYPES  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('checkpoint', None, 'Official-layout .npz.', flag_values=fv)
   flags.DEFINE_string('model', None, 'Preset name, e.g. ViT-B_16.', flag_values=fv)
   flags.DEFINE_string('workdir', None, 'Training workdir (its .npz, config.json, labels.txt).',
@@ -470,8 +470,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_integer('max_rollout_images', 8, 'Images shown in the rollout figure '
                        '(distances use all).', flag_values=fv)
-  flags.DEFINE_enum('dtype', 'auto', DTYPES, "Computation dtype ('auto': bfloat16 on GPU/TPU, "
-                    'float32 on CPU).', flag_values=fv)
+  flags.DEFINE_enum('dtype', 'auto', DTYPES, f"Computation dtype ('auto': {AUTO_DTYPE}).",
+                    flag_values=fv)
 
 
 @cli.command(define_flags, positional='images', metavar='IMAGE [IMAGE ...]', min_args=1)

@@ -299,7 +299,7 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_bool('train', False, 'Also time a training step (forward+backward+SGD).',
                     flag_values=fv)
   flags.DEFINE_enum('dtype', 'auto', models.DTYPES,
-                    "Computation dtype ('auto': bfloat16 on GPU/TPU, float32 on CPU; with "
+                    f"Computation dtype ('auto': {models.AUTO_DTYPE}; with "
                     '--config, default config.dtype).', flag_values=fv)
   flags.DEFINE_bool('json', False, 'Print one JSON object per result.', flag_values=fv)
 

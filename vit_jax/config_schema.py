@@ -81,7 +81,7 @@ KEYS: tuple[tuple[str, tuple[type, ...] | None, str], ...] = (
     ('optim.weight_decay', _NUM + _NONE, 'decoupled weight decay'),
     ('optim.grad_clip_norm', _NUM + _NONE, 'global-norm clipping; None = off'),
     ('label_smoothing', _NUM, 'of the cross-entropy targets'),
-    ('dtype', _STR, "'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16': "
+    ('dtype', _STR, f"'auto' ({models.AUTO_DTYPE}) | 'float32' | 'bfloat16': "
      'computation dtype; params, optimizer state, softmax and loss stay float32'),
     ('polyak_decay', _NUM + _NONE, 'exponential moving average of the params (e.g. 0.9999); '
      'evaluated as <metric>_polyak and exported'),

@@ -27,12 +27,12 @@ from vit_jax import cli
 
 def define_flags(fv: flags.FlagValues) -> None:
   """The flags of ``python -m vit_jax.evaluate`` besides --config (`cli.command`)."""
-  from vit_jax.models import DTYPES  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import AUTO_DTYPE, DTYPES  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('checkpoint', None, 'Official-layout .npz (local or gs://), head included.',
                       flag_values=fv)
   flags.DEFINE_bool('json', False, 'Print the metrics as one JSON object.', flag_values=fv)
-  flags.DEFINE_enum('dtype', None, DTYPES, "Computation dtype ('auto': bfloat16 on GPU/TPU, "
-                    'float32 on CPU); default config.dtype.', flag_values=fv)
+  flags.DEFINE_enum('dtype', None, DTYPES, f"Computation dtype ('auto': {AUTO_DTYPE}); "
+                    'default config.dtype.', flag_values=fv)
 
 
 def evaluate_checkpoint(config, checkpoint: str, dtype: str | None = None) -> dict[str, float]:

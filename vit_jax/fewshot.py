@@ -26,7 +26,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def define_flags(fv: flags.FlagValues) -> None:
   """The flags of ``python -m vit_jax.fewshot``."""
-  from vit_jax.models import DTYPES  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import AUTO_DTYPE, DTYPES  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('checkpoint', None, 'Official-layout .npz.', flag_values=fv)
   flags.DEFINE_string('model', None, 'Preset name, e.g. ViT-B_16.', flag_values=fv)
   flags.DEFINE_string('workdir', None, 'Training workdir (its .npz and config.json).',
@@ -51,8 +51,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                     'Feature standardisation statistics.', flag_values=fv)
   flags.DEFINE_integer('batch_size', 64, 'Images per forward pass.', flag_values=fv)
   flags.DEFINE_bool('json', False, 'Print all results as JSON.', flag_values=fv)
-  flags.DEFINE_enum('dtype', 'auto', DTYPES, "Computation dtype ('auto': bfloat16 on GPU/TPU, "
-                    'float32 on CPU).', flag_values=fv)
+  flags.DEFINE_enum('dtype', 'auto', DTYPES, f"Computation dtype ('auto': {AUTO_DTYPE}).",
+                    flag_values=fv)
   flags.mark_flag_as_required('dataset', flag_values=fv)
 
 

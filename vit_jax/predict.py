@@ -43,7 +43,7 @@ def _missing() -> str:
 
 def define_flags(fv: flags.FlagValues) -> None:
   """The flags of ``python -m vit_jax.predict``."""
-  from vit_jax.models import DTYPES  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import AUTO_DTYPE, DTYPES  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('checkpoint', None, 'Official-layout .npz (local or gs://).', flag_values=fv)
   flags.DEFINE_string('model', None, "Preset name, e.g. ViT-B_16 (default: the checkpoint's "
                       'own, from its sidecar .json or its parameter shapes).', flag_values=fv)
@@ -56,8 +56,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_integer('batch_size', 32, 'Images per forward pass.', flag_values=fv)
   flags.DEFINE_bool('json', False, 'Print machine-readable JSON.', flag_values=fv)
-  flags.DEFINE_enum('dtype', 'auto', DTYPES, "Computation dtype ('auto': bfloat16 on GPU/TPU, "
-                    'float32 on CPU).', flag_values=fv)
+  flags.DEFINE_enum('dtype', 'auto', DTYPES, f"Computation dtype ('auto': {AUTO_DTYPE}).",
+                    flag_values=fv)
 
 
 @cli.command(define_flags, positional='images', metavar='IMAGE [IMAGE ...]', min_args=1)

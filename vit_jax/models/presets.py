@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -116,21 +115,26 @@ def model_kwargs(config: Any) -> dict[str, Any]:
 
 
 DTYPES = ('auto', 'float32', 'bfloat16')
+# What 'auto' means, for the tools' help texts and the config schema.
+AUTO_DTYPE = ('bfloat16 on TPUs and on GPUs with bf16 units (NVIDIA Ampere and newer, AMD), '
+              'float32 on CPUs and older GPUs')
 
 
 def resolve_dtype(dtype: Any = 'auto') -> Any:
-  """Computation dtype: 'auto' is bfloat16 on GPU/TPU and float32 on CPU.
+  """Computation dtype: 'auto' is bfloat16 where the device has bf16 units
+  (TPUs, NVIDIA GPUs from Ampere on, AMD GPUs: `vit.has_16bit_units`) and
+  float32 elsewhere.
 
-  On CPUs bf16 matmuls are slower than f32, so 'auto' keeps f32 there; on
-  accelerators bf16 runs the matmuls on the tensor cores / MXU at about twice
-  the f32 rate. A jnp dtype passes through.
+  There bf16 runs the matmuls on the tensor cores / MXU at about twice the
+  f32 rate; CPUs and older GPUs (T4, V100: no bf16 tensor cores) only emulate
+  it, slower than f32. A jnp dtype passes through.
   """
   if not isinstance(dtype, str):
     return jnp.dtype(dtype)
   if dtype not in DTYPES:
     raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}.')
   if dtype == 'auto':
-    dtype = 'float32' if jax.default_backend() == 'cpu' else 'bfloat16'
+    dtype = 'bfloat16' if vit.has_16bit_units() else 'float32'
   return jnp.dtype(dtype)
 
 

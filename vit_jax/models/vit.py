@@ -185,14 +185,31 @@ def _out_init(key, shape, dtype=jnp.float32):
   return nn.initializers.xavier_uniform()(key, (h * hd, d), dtype).reshape(shape)
 
 
+def has_16bit_units() -> bool:
+  """Whether the default device multiplies bf16/fp16 on dedicated units: a TPU,
+  an NVIDIA GPU of compute capability 8.0+ (Ampere: bf16 tensor cores, and what
+  cuDNN's flash attention needs) or an AMD GPU; not a CPU, not a T4 or V100."""
+  backend = jax.default_backend()
+  if backend == 'cpu':
+    return False
+  capability = str(getattr(jax.devices()[0], 'compute_capability', '') or '')
+  try:
+    return tuple(int(x) for x in capability.split('.')[:2]) >= (8, 0)
+  except ValueError:
+    return True   # Not CUDA's "major.minor" (ROCm's gfx names, TPUs).
+
+
 def _resolve_attention(attention: str, dtype: Dtype) -> str:
-  """'auto' -> 'cudnn' on a GPU with a 16-bit dtype, else 'einsum'."""
+  """'auto' -> 'cudnn' on an NVIDIA GPU with flash attention (compute
+  capability 8.0+) and a 16-bit dtype, else 'einsum'."""
   if attention not in ATTENTIONS:
     raise ValueError(f'attention must be one of {ATTENTIONS}, got {attention!r}')
   if attention != 'auto':
     return attention
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  return 'cudnn' if half and jax.default_backend() == 'gpu' else 'einsum'
+  cuda = jax.default_backend() == 'gpu' and '.' in str(
+      getattr(jax.devices()[0], 'compute_capability', '') or '')
+  return 'cudnn' if half and cuda and has_16bit_units() else 'einsum'
 
 
 def padded_attention(q: Array, k: Array, v: Array, *, implementation: str,
