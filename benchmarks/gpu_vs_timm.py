@@ -23,7 +23,7 @@ g.worker_jax(...)"``), in this order, skipping what no longer fits `--budget_s`:
 5. the training loop itself (`python -m vit_jax.main`, `dataset=synthetic`)
    at the step's shape: its logged images/sec over the benchmark step's;
 6. ablations: the einsum attention at 224 and 384, the 224 train step under
-   other XLA GEMM code generation (`XLA_FLAG_VARIANTS`), and ViT-L/16 and ViT-H/14
+   Triton GEMMs (`XLA_FLAG_VARIANTS`), and ViT-L/16 and ViT-H/14
    at 384 with per-block remat (peak memory of a 32- and a 16-image
    micro-batch step: what batch 512 through accumulation needs).
 
@@ -77,9 +77,11 @@ JAX_EXTRA = [   # In order of what the open speed targets need to know first.
     ('H14-384-train-bf16-remat', 'ViT-H_14', 384, 16, True, 'bfloat16',
      {'remat': 'dots_with_no_batch_dims_saveable'}),
 ]
-# XLA GPU code-generation choices worth knowing for the 224 train step
-# (docs.jax.dev "GPU performance tips"): cuBLAS only, or Triton for any GEMM.
-XLA_FLAG_VARIANTS = ['--xla_gpu_enable_triton_gemm=false', '--xla_gpu_triton_gemm_any=true']
+# XLA GPU code generation not yet tried on the 224 train step (docs.jax.dev
+# "GPU performance tips": Triton for any GEMM). Tried before, within run-to-run
+# spread (benchmarks/RESULTS.md): --xla_gpu_enable_triton_gemm=false and
+# --xla_gpu_enable_cublaslt=true.
+XLA_FLAG_VARIANTS = ['--xla_gpu_triton_gemm_any=true']
 SMOKE_JAX = [('Ti16-32-train-f32', 'ViT-Ti_16', 32, 4, True, 'float32', {}),
              ('Ti16-32-infer-f32', 'ViT-Ti_16', 32, 8, False, 'float32', {})]
 SMOKE_TORCH = [('Ti16-32-train-f32', 32, 4, True, 'float32', False)]

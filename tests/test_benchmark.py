@@ -179,7 +179,7 @@ def test_gpu_vs_timm_smoke_runs_every_worker(tmp_path):
     assert cases[f'attention-probe-T{t}-16']['ms'] > 0   # 'xla' stands in for cuDNN
   jax_rows = [r for r in records if r['framework'] == 'jax' and 'img_s' in r]
   assert {r['case'] for r in jax_rows} == {'Ti16-32-train-f32', 'Ti16-32-infer-f32',
-                                           'Ti16-32-train-f32 +enable_triton_gemm=false'}
+                                           'Ti16-32-train-f32 +triton_gemm_any=true'}
   loop = next(r for r in records if r['framework'] == 'loop')
   assert loop['img_s'] > 0
   table = (tmp_path / 'table.txt').read_text()
