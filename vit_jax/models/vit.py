@@ -185,18 +185,25 @@ def _out_init(key, shape, dtype=jnp.float32):
   return nn.initializers.xavier_uniform()(key, (h * hd, d), dtype).reshape(shape)
 
 
+def _cuda_capability() -> tuple[int, int] | None:
+  """The default device's NVIDIA compute capability, e.g. (9, 0); None elsewhere."""
+  if jax.default_backend() != 'gpu':
+    return None
+  try:
+    major, minor = str(getattr(jax.devices()[0], 'compute_capability', '')).split('.')[:2]
+    return int(major), int(minor)
+  except ValueError:
+    return None   # ROCm names its GPUs 'gfx90a', ...
+
+
 def has_16bit_units() -> bool:
   """Whether the default device multiplies bf16/fp16 on dedicated units: a TPU,
   an NVIDIA GPU of compute capability 8.0+ (Ampere: bf16 tensor cores, and what
   cuDNN's flash attention needs) or an AMD GPU; not a CPU, not a T4 or V100."""
-  backend = jax.default_backend()
-  if backend == 'cpu':
+  if jax.default_backend() == 'cpu':
     return False
-  capability = str(getattr(jax.devices()[0], 'compute_capability', '') or '')
-  try:
-    return tuple(int(x) for x in capability.split('.')[:2]) >= (8, 0)
-  except ValueError:
-    return True   # Not CUDA's "major.minor" (ROCm's gfx names, TPUs).
+  capability = _cuda_capability()
+  return capability is None or capability >= (8, 0)
 
 
 def _resolve_attention(attention: str, dtype: Dtype) -> str:
@@ -207,9 +214,8 @@ def _resolve_attention(attention: str, dtype: Dtype) -> str:
   if attention != 'auto':
     return attention
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  cuda = jax.default_backend() == 'gpu' and '.' in str(
-      getattr(jax.devices()[0], 'compute_capability', '') or '')
-  return 'cudnn' if half and cuda and has_16bit_units() else 'einsum'
+  capability = _cuda_capability()
+  return 'cudnn' if half and capability is not None and capability >= (8, 0) else 'einsum'
 
 
 def padded_attention(q: Array, k: Array, v: Array, *, implementation: str,
