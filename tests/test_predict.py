@@ -89,8 +89,10 @@ def test_predict_matches_direct_apply(saved_model, capsys):
   bundle = hub.load(str(wd))
   assert bundle.predict([str(tmp / 'imgs')], k=3) == [o['top_k'] for o in out]
   # Batch by batch (one batch of images in memory): the same numbers.
+  compiled = bundle._apply._cache_size()
   chunks = list(bundle.iter_probs([str(tmp / 'imgs')], batch_size=2))
   assert [files for files, _ in chunks] == [files[:2], files[2:]]
+  assert bundle._apply._cache_size() == compiled + 1   # the short last batch padded: one shape
   np.testing.assert_allclose(np.concatenate([p for _, p in chunks]), probs, atol=1e-6)
   assert predict.main([f'--workdir={wd}', '--json', '--top_k=3', '--batch_size=2',
                        str(tmp / 'imgs')]) == 0

@@ -122,7 +122,10 @@ class Model:
     files = images.collect_images(paths)
     for i in range(0, len(files), batch_size):
       chunk = files[i:i + batch_size]
-      yield chunk, self.probs(self.load_images(chunk)[0], batch_size)
+      batch = self.load_images(chunk)[0]
+      if i:   # A short last batch, padded to the shape compiled already.
+        batch = np.pad(batch, [(0, batch_size - len(chunk))] + [(0, 0)] * (batch.ndim - 1))
+      yield chunk, self.probs(batch, batch_size)[:len(chunk)]
 
   def predict(self, paths: Sequence[str], k: int = 5,
               batch_size: int = 32) -> list[list[dict[str, Any]]]:
