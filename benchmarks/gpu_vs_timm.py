@@ -165,9 +165,9 @@ def worker_jax(cases: list, repeats: int, pad_multiple: int, xla_flags: str = ''
   from vit_jax import benchmark
   from vit_jax.models import vit
   vit.ATTENTION_PAD_MULTIPLE = pad_multiple
+  label = ' '.join('+' + f.replace('--xla_gpu_', '') for f in xla_flags.split())
   for name, model_name, res, batch, train, dtype, variant in cases:
     t0 = time.time()
-    label = ' '.join('+' + f.replace('--xla_gpu_', '') for f in xla_flags.split())
     rec = dict(framework='jax', case=f'{name} {label}'.strip(),
                model=model_name, res=res, batch=batch, train=train, dtype=dtype,
                variant=variant, pad_multiple=pad_multiple, xla_flags=xla_flags)

@@ -99,8 +99,11 @@ class Model:
     at reduced DCT scale exactly as folder-dataset evaluation decodes them.
     Raises images.ImageError naming a file that cannot be read.
     """
-    return images.load_images(images.collect_images(paths), self.pp_eval, self.image_size,
-                              self.crop_fraction, min_side=images.DCT_MIN_SIDE * min(self.image_size))
+    return self._load_files(images.collect_images(paths))
+
+  def _load_files(self, files: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
+    return images.load_images(files, self.pp_eval, self.image_size, self.crop_fraction,
+                              min_side=images.DCT_MIN_SIDE * min(self.image_size))
 
   def probs(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Softmax probabilities (N, num_classes), float32, `batch_size` images at a time."""
@@ -122,7 +125,7 @@ class Model:
     files = images.collect_images(paths)
     for i in range(0, len(files), batch_size):
       chunk = files[i:i + batch_size]
-      batch = self.load_images(chunk)[0]
+      batch = self._load_files(chunk)[0]   # Files already: no second listing.
       if i:   # A short last batch, padded to the shape compiled already.
         batch = np.pad(batch, [(0, batch_size - len(chunk))] + [(0, 0)] * (batch.ndim - 1))
       yield chunk, self.probs(batch, batch_size)[:len(chunk)]
