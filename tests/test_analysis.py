@@ -167,7 +167,7 @@ def test_cli_writes_figures_with_the_model_numbers(tmp_path, capsys):
   checkpoint.save(params, str(tmp_path / 'm.npz'))
   rng = np.random.default_rng(0)
   os.makedirs(tmp_path / 'imgs')
-  for i in range(2):
+  for i in range(5):
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / 'imgs' / f'{i}.png')
   out = tmp_path / 'figs'
   assert analysis.main([f'--checkpoint={tmp_path}/m.npz', '--model=testing', f'--out_dir={out}',
@@ -182,10 +182,10 @@ def test_cli_writes_figures_with_the_model_numbers(tmp_path, capsys):
   # The saved numbers are the module functions applied to the model's own attention.
   numbers = np.load(out / 'analysis.npz')
   images = np.stack([np.asarray(Image.open(tmp_path / 'imgs' / f'{i}.png'), np.float32) / 127.5 - 1
-                     for i in range(2)])  # 32x32 already: the eval resize is the identity
+                     for i in range(5)])  # 32x32 already: the eval resize is the identity
   _, inter = vit.get_intermediates(model, params, images)
   att = [np.asarray(a) for a in vit.attention_weights(inter)]
-  assert len(att) == 2 and att[0].shape == (2, 2, 65, 65)
+  assert len(att) == 2 and att[0].shape == (5, 2, 65, 65)
   np.testing.assert_allclose(numbers['rollout_maps'],
                              analysis.rollout_map(analysis.attention_rollout(att), (8, 8)), atol=1e-5)
   np.testing.assert_allclose(numbers['attention_distance'],
@@ -194,3 +194,15 @@ def test_cli_writes_figures_with_the_model_numbers(tmp_path, capsys):
       params['Transformer']['posembed_input']['pos_embedding'], (8, 8)), atol=1e-6)
   assert numbers['filter_pcs'].shape == (8, 4, 4, 3)
   assert 'attention_rollout.png' in capsys.readouterr().out
+
+  # Streamed 2 images at a time (the last batch padded), with the rollout
+  # figure's 3 images taken from two batches: the same numbers.
+  streamed = tmp_path / 'streamed'
+  assert analysis.main([f'--checkpoint={tmp_path}/m.npz', '--model=testing', f'--out_dir={streamed}',
+                        '--num_components=8', '--max_rollout_images=3', '--batch_size=2',
+                        str(tmp_path / 'imgs')]) == 0
+  again = np.load(streamed / 'analysis.npz')
+  assert again['rollout_maps'].shape == (5, 8, 8)
+  for key in numbers.files:
+    np.testing.assert_allclose(again[key], numbers[key], atol=1e-6, err_msg=key)
+  assert np.asarray(Image.open(streamed / 'attention_rollout.png')).shape[0] > 800  # three rows

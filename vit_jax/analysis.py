@@ -352,11 +352,8 @@ def plot_embedding_pcs(pcs: np.ndarray, path: str, ratio: np.ndarray | None = No
 # ---------------------------------------------------------------------------
 
 
-def iter_attentions(model: Any, params: Any, images: np.ndarray, batch_size: int = 16):
-  """Yields, batch by batch, the per-layer attention weights [(b, heads, T, T), ...].
-
-  Batches keep memory bounded: ViT-B/16 attention for 128 images is ~3 GB.
-  """
+def attention_fn(model: Any):
+  """A jitted fn(params, images) -> per-layer attention weights [(b, heads, T, T), ...]."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
@@ -366,11 +363,22 @@ def iter_attentions(model: Any, params: Any, images: np.ndarray, batch_size: int
     _, inter = vit.get_intermediates(model, p, x, train=False)
     return vit.attention_weights(inter)
 
-  for i in range(0, len(images), batch_size):
-    att = fn(params, images[i:i + batch_size])
+  def attentions(params: Any, images: np.ndarray) -> list[np.ndarray]:
+    att = fn(params, images)
     if not att:
       raise AnalysisError('The model sowed no attention weights (is it a ViT?).')
-    yield [np.asarray(a) for a in att]
+    return [np.asarray(a) for a in att]
+  return attentions
+
+
+def iter_attentions(model: Any, params: Any, images: np.ndarray, batch_size: int = 16):
+  """Yields, batch by batch, the per-layer attention weights [(b, heads, T, T), ...].
+
+  Batches keep memory bounded: ViT-B/16 attention for 128 images is ~3 GB.
+  """
+  fn = attention_fn(model)
+  for i in range(0, len(images), batch_size):
+    yield fn(params, images[i:i + batch_size])
 
 
 def model_attentions(model: Any, params: Any, images: np.ndarray,
@@ -400,37 +408,49 @@ def position_embeddings(params: Any, model_config: Any, grid: tuple[int, int]) -
 
 
 def run_all(bundle: Any, paths: Sequence[str], out_dir: str,
-            num_components: int = 28, max_rollout_images: int = 8) -> dict[str, str]:
+            num_components: int = 28, max_rollout_images: int = 8,
+            batch_size: int = 16) -> dict[str, str]:
   """Writes the four figures (and analysis.npz with their numbers) to ``out_dir``.
 
-  Attention distances average over all images (the paper used 128); the
-  rollout figure shows the first ``max_rollout_images``.
+  ``paths``: image files and/or folders (recursive, sorted). Attention
+  distances average over all images (the paper used 128); the rollout figure
+  shows the first ``max_rollout_images``. Images are read and run
+  ``batch_size`` at a time, so any number of them fits in memory (ViT-B/16's
+  attention weights for 16 images are ~0.4 GB).
   """
   from vit_jax.models import vit  # pylint: disable=g-import-not-at-top
 
   os.makedirs(out_dir, exist_ok=True)
-  images, raw = bundle.load_images(paths)
   prefix = vit.num_prefix_tokens(bundle.model_config)
   h, w = bundle.image_size
-  maps, dist_sum, grid = [], 0.0, None
-  for att in iter_attentions(bundle.module, bundle.params, images):
+  attentions = attention_fn(bundle.module)
+  maps, dist_sum, num_images, grid = [], 0.0, 0, None
+  shown, shown_raw, shown_probs = [], [], []   # The first images, for the rollout figure.
+  for files, batch, raw in bundle.iter_images(paths, batch_size):
+    n = len(files)
+    att = [a[:n] for a in attentions(bundle.params, batch)]
     if grid is None:
       grid, _ = infer_grid(att[0].shape[-1], prefix)
       px = (h / grid[0], w / grid[1])
     maps.append(rollout_map(attention_rollout(att), grid, prefix))
-    dist_sum = dist_sum + attention_distances(att, grid, px, prefix) * len(att[0])
+    dist_sum = dist_sum + attention_distances(att, grid, px, prefix) * n
+    num_images += n
+    take = min(max_rollout_images - len(shown), n)
+    if take > 0:
+      shown += files[:take]
+      shown_raw += raw[:take]
+      shown_probs.append(bundle.probs(batch[:take]))
   maps = np.concatenate(maps)
-  dist = dist_sum / len(images)
+  dist = dist_sum / num_images
   written, numbers = {}, {'rollout_maps': maps, 'attention_distance': dist}
 
-  k = min(max_rollout_images, len(images))
-  top = bundle.top_k(bundle.probs(images[:k]), 1)
-  titles = [f'{os.path.basename(p)}: {t[0]["name"]} ({t[0]["prob"]:.2f})' for p, t in zip(paths, top)]
-  written['rollout'] = plot_rollout(raw[:k], maps[:k],
+  top = bundle.top_k(np.concatenate(shown_probs), 1)
+  titles = [f'{os.path.basename(p)}: {t[0]["name"]} ({t[0]["prob"]:.2f})' for p, t in zip(shown, top)]
+  written['rollout'] = plot_rollout(shown_raw, maps[:len(shown)],
                                     os.path.join(out_dir, 'attention_rollout.png'), titles)
   written['distance'] = plot_attention_distance(
       dist, os.path.join(out_dir, 'attention_distance.png'), image_size=w,
-      title=f'mean over {len(images)} image(s); image width {w} px',
+      title=f'mean over {num_images} image(s); image width {w} px',
       uniform=float(token_distances(grid, px).mean()))
 
   try:
@@ -470,6 +490,8 @@ def define_flags(fv: flags.FlagValues) -> None:
                        flag_values=fv)
   flags.DEFINE_integer('max_rollout_images', 8, 'Images shown in the rollout figure '
                        '(distances use all).', flag_values=fv)
+  flags.DEFINE_integer('batch_size', 16, 'Images read and run at a time (bounds memory).',
+                       flag_values=fv)
   flags.DEFINE_enum('dtype', 'auto', DTYPES, f"Computation dtype ('auto': {AUTO_DTYPE}).",
                     flag_values=fv)
 
@@ -478,12 +500,12 @@ def define_flags(fv: flags.FlagValues) -> None:
 def main(args: cli.Args) -> None:
   """Attention rollout, attention distance, position-embedding similarity and
   embedding-filter PCs of a ViT (paper Figs. 6, 7, 11) as PNGs."""
-  from vit_jax import hub, images  # pylint: disable=g-import-not-at-top
+  from vit_jax import hub  # pylint: disable=g-import-not-at-top
   bundle = hub.load(args.workdir or args.checkpoint or '', model=args.model,
                     checkpoint=args.checkpoint if args.workdir else None,
                     labels=args.labels, image_size=args.image_size, dtype=args.dtype)
-  written = run_all(bundle, images.collect_images(args.images), args.out_dir,
-                    args.num_components, args.max_rollout_images)
+  written = run_all(bundle, args.images, args.out_dir, args.num_components,
+                    args.max_rollout_images, args.batch_size)
   for name, path in written.items():
     print(f'{name:>9}: {path}')
 

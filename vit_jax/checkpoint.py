@@ -487,24 +487,37 @@ HEADS = ('head', 'head_dist')
 
 def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_config: Any,
                     *, grid: Sequence[int] | None = None) -> dict[str, Any]:
-  """Loads a pre-trained checkpoint into the shape of `init_params`.
+  """Loads a pre-trained checkpoint into the shape of `init_params` for a
+  fine-tune: `fit(..., new_head=True)`, or CheckpointError with a readable diff."""
+  return fit(load(pretrained_path), init_params, model_config, grid=grid, new_head=True,
+             source=f'Checkpoint {pretrained_path}', path=pretrained_path)
 
-  Checks every key and shape against the freshly initialised model and raises
-  `CheckpointError` with a readable diff, except for what fine-tuning expects:
-  the head is replaced by `init_params`' (zero-initialised) head, `pre_logits` is dropped when `representation_size` is None,
-  and the position embedding is resampled to the new grid (pass `grid` for
-  non-square grids).
+
+def fit(params: Mapping[str, Any], expected: Mapping[str, Any], model_config: Any, *,
+        grid: Sequence[int] | None = None, new_head: bool = False,
+        source: str = 'Checkpoint', path: str | None = None) -> dict[str, Any]:
+  """`params` (a tree) in the keys, shapes and dtypes of `expected` (a tree of
+  arrays or jax.ShapeDtypeStructs, e.g. the `jax.eval_shape` of a model's init).
+
+  The one mechanism for a checkpoint meeting a model, at training's start
+  (load_pretrained) and in vit_jax.hub:
+  * the position embeddings are resampled to the model's grid
+    (`fit_position_embeddings`; pass `grid` for non-square grids);
+  * `pre_logits` is dropped when the model has none (representation_size=None);
+  * `new_head`: the checkpoint's head is replaced by a zero-initialised one of
+    the model's shape (paper App. B.1.1: "we remove the pre-trained prediction
+    head and attach a zero-initialized D x K feedforward layer").
+  Anything else that differs is a CheckpointError listing the missing,
+  unexpected and mis-shaped keys.
   """
-  restored = flatten(load(pretrained_path))
-  expected = flatten(init_params)
-  representation_size = vit.config_value(model_config, 'representation_size')
-
-  if representation_size is None:
-    restored = {k: v for k, v in restored.items() if not k.startswith('pre_logits/')}
-  # A fine-tune always starts from the model's own (zero-initialised) head.
+  restored = flatten(params)
+  expected = flatten(expected)
   is_head = lambda k: k.split('/')[0] in HEADS
-  restored = {k: v for k, v in restored.items() if not is_head(k)}
-  restored.update({k: v for k, v in expected.items() if is_head(k)})
+  if not any(k.startswith('pre_logits/') for k in expected):
+    restored = {k: v for k, v in restored.items() if not k.startswith('pre_logits/')}
+  if new_head:
+    restored = {k: v for k, v in restored.items() if not is_head(k)}
+    restored.update({k: np.zeros(np.shape(v), v.dtype) for k, v in expected.items() if is_head(k)})
 
   restored = fit_position_embeddings(restored, expected, model_config, grid=grid)
 
@@ -514,10 +527,8 @@ def load_pretrained(pretrained_path: str, init_params: Mapping[str, Any], model_
                 'sequence (2T-1) and are not resized; fine-tune at the pre-training '
                 'resolution, or pre-train with posemb=learn2d / learn.')
   if diff:
-    raise CheckpointError(_misfit(f'Checkpoint {pretrained_path}', pretrained_path,
-                                  unflatten(restored), model_config, diff))
-  out = {k: np.asarray(v, dtype=np.asarray(expected[k]).dtype) for k, v in restored.items()}
-  return unflatten(out)
+    raise CheckpointError(_misfit(source, path, unflatten(restored), model_config, diff))
+  return unflatten({k: np.asarray(v, dtype=expected[k].dtype) for k, v in restored.items()})
 
 
 # ---------------------------------------------------------------------------
@@ -627,14 +638,20 @@ def match_preset(params: Mapping[str, Any]) -> list[str]:
 def _misfit(what: str, path: str | None, params: Mapping[str, Any], model_config: Any,
             diff: list[str]) -> str:
   """The message for a checkpoint that does not fit: what it is instead, then the diff."""
+  model = vit.config_value(model_config, 'model_name') or 'model'
   try:
-    names = [infer_model(path if path else params).get('model_name')]
+    name = infer_model(path if path else params).get('model_name')
   except CheckpointError:
-    names = []
-  hint = (f': a {names[0]}. Drop config.model_name (and config.model) to take the '
-          'architecture from the checkpoint' if names else '')
-  return (f'{what} does not fit the model {vit.config_value(model_config, "model_name") or "model"}; '
-          f'it is another architecture{hint}.\n' + '\n'.join(diff))
+    name = None
+  if name is None:
+    hint = '; it is another architecture'
+  elif name != model:
+    hint = (f'; it is another architecture: a {name}. Drop config.model_name (and '
+            'config.model) to take the architecture from the checkpoint')
+  else:
+    hint = ''   # The same architecture: the entries below say what differs.
+
+  return f'{what} does not fit the model {model}{hint}.\n' + '\n'.join(diff)
 
 
 def infer_model(params_or_path: Mapping[str, Any] | str | os.PathLike,

@@ -118,17 +118,28 @@ class Model:
     return [[{'label': int(c), 'name': self.labels[c] if self.labels else str(int(c)),
               'prob': float(p[c])} for c in row] for p, row in zip(probs, order)]
 
-  def iter_probs(self, paths: Sequence[str],
-                 batch_size: int = 32) -> Iterator[tuple[list[str], np.ndarray]]:
-    """(image files, their probabilities), `batch_size` files at a time, over
-    files and/or folders (recursive, sorted): one batch of images in memory."""
+  def iter_images(self, paths: Sequence[str], batch_size: int = 32
+                  ) -> Iterator[tuple[list[str], np.ndarray, list[np.ndarray]]]:
+    """(image files, preprocessed batch, raw images), `batch_size` files at a
+    time, over files and/or folders (recursive, sorted): one batch in memory.
+
+    After the first batch, a short last batch is padded with zero images to
+    `batch_size` (the shape compiled already); its first len(files) rows are
+    the images.
+    """
     files = images.collect_images(paths)
     for i in range(0, len(files), batch_size):
       chunk = files[i:i + batch_size]
-      batch = self._load_files(chunk)[0]   # Files already: no second listing.
-      if i:   # A short last batch, padded to the shape compiled already.
+      batch, raw = self._load_files(chunk)   # Files already: no second listing.
+      if i:
         batch = np.pad(batch, [(0, batch_size - len(chunk))] + [(0, 0)] * (batch.ndim - 1))
-      yield chunk, self.probs(batch, batch_size)[:len(chunk)]
+      yield chunk, batch, raw
+
+  def iter_probs(self, paths: Sequence[str],
+                 batch_size: int = 32) -> Iterator[tuple[list[str], np.ndarray]]:
+    """(image files, their probabilities), `batch_size` files at a time (iter_images)."""
+    for files, batch, _ in self.iter_images(paths, batch_size):
+      yield files, self.probs(batch, batch_size)[:len(files)]
 
   def predict(self, paths: Sequence[str], k: int = 5,
               batch_size: int = 32) -> list[list[dict[str, Any]]]:
@@ -236,7 +247,6 @@ def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
   if new_head:
     if num_classes < 1:
       raise HubError(f'num_classes must be positive, got {num_classes}.')
-    params = {k: v for k, v in params.items() if k not in ckpt.HEADS + ('pre_logits',)}
     classes = int(num_classes)
   if is_vit:
     mc.representation_size = None if new_head else info.get('representation_size')
@@ -291,13 +301,13 @@ def _workdir_variables(wd: Workdir, mc: Any, step: int | None,
 
 def _fit(module: Any, params: Any, size: tuple[int, int], source: str, mc: Any,
          new_head: bool = False) -> Any:
-  """`params` in the shapes `module` has at `size` (posembs resized; with
-  `new_head`, a zero-initialised head added), or HubError."""
+  """`params` in the shapes `module` has at `size` (`checkpoint.fit`: posembs
+  resized; with `new_head`, a zero-initialised head), or HubError."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   rng = jax.random.PRNGKey(0)
-  expected = ckpt.flatten(jax.eval_shape(lambda: module.init(
-      {'params': rng, 'dropout': rng}, jnp.zeros((1, *size, 3)), train=False))['params'])
+  expected = jax.eval_shape(lambda: module.init(
+      {'params': rng, 'dropout': rng}, jnp.zeros((1, *size, 3)), train=False))['params']
   grid = None
   if mc.get('model_type', 'vit') == 'vit':
     sh, sw = vit.token_stride(mc)
@@ -305,17 +315,11 @@ def _fit(module: Any, params: Any, size: tuple[int, int], source: str, mc: Any,
       raise HubError(f'Cannot run {source} at {size[0]}x{size[1]}: the image size must be '
                      f'a multiple of its {sh}x{sw} patches.')
     grid = (size[0] // sh, size[1] // sw)
-  flat = ckpt.flatten(params)
-  if new_head:
-    flat.update({k: np.zeros(v.shape, v.dtype) for k, v in expected.items()
-                 if k.split('/')[0] in ckpt.HEADS})
-  flat = ckpt.fit_position_embeddings(flat, expected, mc, grid=grid)
-  diff = ckpt.shape_diff(flat, expected)
-  if diff:
-    raise HubError(f'{source} does not fit the model {mc.get("model_name") or ""} at '
-                   f'{size[0]}x{size[1]}: another architecture, or a damaged file?\n'
-                   + '\n'.join(diff))
-  return ckpt.unflatten(flat)
+  try:
+    return ckpt.fit(params, expected, mc, grid=grid, new_head=new_head,
+                    source=f'{source} (at {size[0]}x{size[1]})', path=source)
+  except ckpt.CheckpointError as e:
+    raise HubError(str(e)) from None
 
 
 def _labels(labels: str | Sequence[str] | None, wd: Workdir | None, source: str,
