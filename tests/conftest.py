@@ -26,6 +26,8 @@ if str(REPO) not in sys.path:
 SUBPROCESS_ENV = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
                       TF_ENABLE_ONEDNN_OPTS='0', PYTHONUNBUFFERED='1')
 SUBPROCESS_ENV.pop('XLA_FLAGS', None)
+# The checkpoint shipped in the repository (official layout, SmallViT_8 at 32px).
+SHIPPED = REPO / 'checkpoints' / 'SmallViT_8-tiny_imagenet-32px.npz'
 SHARED = pathlib.Path(os.environ.get('VIT_JAX_SHARED', REPO.parent / 'shared'))
 
 

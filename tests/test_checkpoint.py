@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
-from conftest import golden_dir
+from conftest import SHIPPED, golden_dir
 
 from vit_jax import checkpoint
 from vit_jax.models import vit
@@ -188,3 +188,35 @@ def test_load_pretrained_deit_two_prefix_tokens_and_heads(tmp_path):
   np.testing.assert_array_equal(pe_new[:, :2], pe_old[:, :2])
   np.testing.assert_allclose(
       pe_new, checkpoint.interpolate_posembed(pe_old, 38, 2), atol=0)
+
+
+def test_fit_is_the_one_way_a_checkpoint_meets_a_model():
+  # Shapes alone (jax.eval_shape) are enough; the shipped checkpoint (32px, 200 classes).
+  from vit_jax import models
+  path = str(SHIPPED)
+  src = checkpoint.load(path)
+  cfg = models.get_config('SmallViT_8')
+
+  def shapes(num_classes, res):
+    module = models.get_model(cfg, num_classes=num_classes)
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3)),
+                                              train=False))['params']
+
+  same = checkpoint.fit(src, shapes(200, 40), cfg)              # 4x4 -> 5x5 grid, head kept
+  np.testing.assert_array_equal(same['head']['kernel'], src['head']['kernel'])
+  assert same['Transformer']['posembed_input']['pos_embedding'].shape == (1, 26, 192)
+  np.testing.assert_allclose(same['Transformer']['posembed_input']['pos_embedding'],
+                             checkpoint.interpolate_posembed(
+                                 src['Transformer']['posembed_input']['pos_embedding'], 26, True))
+  new = checkpoint.fit(src, shapes(10, 32), cfg, new_head=True)
+  assert new['head']['kernel'].shape == (192, 10) and not np.any(new['head']['kernel'])
+  assert new['head']['kernel'].dtype == np.float32
+  np.testing.assert_array_equal(new['embedding']['kernel'], src['embedding']['kernel'])
+  # Without new_head a head of another width is a misfit of the same architecture:
+  # the message lists it and does not claim another architecture.
+  with pytest.raises(checkpoint.CheckpointError) as e:
+    checkpoint.fit(src, shapes(10, 32), cfg, source='my.npz', path=path)
+  msg = str(e.value)
+  assert msg.startswith('my.npz does not fit the model SmallViT_8.\n'), msg
+  assert 'head/kernel: checkpoint (192, 200) vs model (192, 10)' in msg
+  assert 'another architecture' not in msg

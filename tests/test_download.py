@@ -18,11 +18,10 @@ import urllib.parse
 
 import numpy as np
 import pytest
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import REPO, SHIPPED, SUBPROCESS_ENV
 
 from vit_jax import checkpoint, download, train
 
-SHIPPED = REPO / 'checkpoints' / 'SmallViT_8-tiny_imagenet-32px.npz'
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

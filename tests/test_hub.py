@@ -11,12 +11,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from conftest import REPO, SHIPPED
 
 from vit_jax import checkpoint, hub, models
 from vit_jax.workdir import Workdir
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHIPPED = REPO / 'checkpoints' / 'SmallViT_8-tiny_imagenet-32px.npz'
 
 
 # ---------------------------------------------------------------------------

@@ -19,10 +19,10 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, SHIPPED
 from PIL import Image
 
-NPZ = REPO / 'checkpoints' / 'SmallViT_8-tiny_imagenet-32px.npz'
+NPZ = SHIPPED
 TRAIN_HINT = "pip install 'vit_jax[train]'"
 TF_MODULES = ('tensorflow', 'tensorflow_datasets', 'tensorboard')
 

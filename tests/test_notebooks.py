@@ -24,15 +24,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import REPO, SHIPPED
 
 nbformat = pytest.importorskip('nbformat')
 nbclient = pytest.importorskip('nbclient')
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / 'notebooks'
 CELL_TIMEOUT_S = 600
-SHIPPED_NPZ = REPO / 'checkpoints' / 'SmallViT_8-tiny_imagenet-32px.npz'
-SHIPPED_LABELS = REPO / 'checkpoints' / 'SmallViT_8-tiny_imagenet-32px.labels.txt'
+SHIPPED_NPZ = SHIPPED
+SHIPPED_LABELS = SHIPPED.with_suffix('.labels.txt')
 ANALYSIS_FILES = ('attention_rollout.png', 'attention_distance.png', 'posemb_similarity.png',
                   'embedding_filters_pca.png')
 

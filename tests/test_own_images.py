@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SUBPROCESS_ENV
+from conftest import REPO, SHIPPED, SUBPROCESS_ENV
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import input_pipeline as ip
 from vit_jax import hub, models, train
 
-SHIPPED = REPO / 'checkpoints' / 'SmallViT_8-tiny_imagenet-32px.npz'
 # Three classes a pre-trained model tells apart at once: red, green, blue.
 COLOURS = {'cherry': (200, 30, 30), 'lime': (30, 200, 30), 'plum': (30, 30, 200)}
 
