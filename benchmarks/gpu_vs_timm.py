@@ -200,11 +200,13 @@ def worker_torch(cases: list, repeats: int, smoke: bool) -> None:
   torch.backends.cudnn.allow_tf32 = True
   torch.backends.cudnn.benchmark = True
   sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
-  arch = TIMM_ARCH['ViT-Ti_16' if smoke else 'ViT-B_16']
+  model_name = 'ViT-Ti_16' if smoke else 'ViT-B_16'
+  arch = TIMM_ARCH[model_name]
   for name, res, batch, train, dtype, comp in cases:
     t0 = time.time()
-    rec = dict(framework='torch', case=name, res=res, batch=batch, train=train, dtype=dtype,
-               compiled=comp, torch=torch.__version__, timm=timm.__version__)
+    rec = dict(framework='torch', case=name, model=model_name, res=res, batch=batch,
+               train=train, dtype=dtype, compiled=comp, torch=torch.__version__,
+               timm=timm.__version__)
     try:
       model = timm.create_model(arch, img_size=res, num_classes=1000).to(dev)
       x = torch.rand(batch, 3, res, res, device=dev) * 2 - 1
@@ -260,14 +262,15 @@ def run_worker(call: str, timeout: float, log) -> list[dict]:
   """Runs `call` of this module, e.g. ``worker_jax([...], 20, 64)``, in a fresh
   process; returns its RESULT records."""
   cmd = [sys.executable, '-c', f'import gpu_vs_timm as g; g.{call}']
+  return _run(cmd, timeout, log, call)
+
+
+def _run(cmd: list[str], timeout: float, log, label: str) -> list[dict]:
+  """Runs `cmd` in the repository with this clone and this script importable;
+  its RESULT records, plus one error record (case `label`) if it failed."""
+  log.write(f'$ {" ".join(cmd)}\n')
   path = os.pathsep.join([REPO, HERE, os.environ.get('PYTHONPATH', '')])
   env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED='1', TF_CPP_MIN_LOG_LEVEL='2')
-  return _run(cmd, timeout, log, env, call)
-
-
-def _run(cmd: list[str], timeout: float, log, env: dict, label: str) -> list[dict]:
-  """Runs `cmd`; its RESULT records, plus one error record (case `label`) if it failed."""
-  log.write(f'$ {" ".join(cmd)}\n')
   failure = None
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1), env=env,
@@ -307,12 +310,10 @@ def run_loop(shape: tuple, pad_multiple: int, timeout: float, log, smoke: bool) 
          f'--config.lr.warmup_steps={every}',
          f'--config.log_every={every}', '--config.eval_every=0',
          '--config.checkpoint_every=0', '--config.num_classes=1000', f'--config.dtype={dtype}']
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             PYTHONUNBUFFERED='1')
   t0 = time.time()
-  records = _run(cmd, timeout, log, env, f'loop {name}')
-  rec = dict(framework='loop', case=name, res=res, batch=batch, train=True, dtype=dtype,
-             wall_s=time.time() - t0)
+  records = _run(cmd, timeout, log, f'loop {name}')
+  rec = dict(framework='loop', case=name, model=model_name, res=res, batch=batch, train=True,
+             dtype=dtype, wall_s=time.time() - t0)
   try:
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
       rates = [json.loads(line)['img_sec_core_train'] for line in f
@@ -349,11 +350,7 @@ def table(records: list[dict]) -> str:
   lines += [head, '-' * len(head)]
   for case, d in rows.items():
     j, t, lp = d.get('jax'), d.get('torch'), d.get('loop')
-    model = (j or {}).get('model', 'ViT-Ti_16' if case.startswith('Ti') else
-                          'ViT-L_16' if case.startswith('L16') else
-                          'ViT-H_14' if case.startswith('H14') else 'ViT-B_16')
-    res = (j or t or lp)['res']
-    train = (j or t or lp)['train']
+    model, res, train = ((j or t or lp)[k] for k in ('model', 'res', 'train'))
     flops = forward_flops(model, res) * (3 if train else 1)
     mfu = (lambda r: f'{100 * r["img_s"] * flops / 1e12 / peak:7.1f}%'
            if r and peak else f'{"-":>8s}')

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging as std_logging
 import os
 import socket
 import threading
@@ -372,6 +373,9 @@ def save_step(manager: Any, ckpt_dir: str, step: int, state: Any,
   bug and propagates as it is.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  quiet = _QuietOrbaxErrors()
+  absl_logger = std_logging.getLogger('absl')
+  absl_logger.addFilter(quiet)
   try:
     manager.save(step, args=ocp.args.StandardSave(state))
     write_digest(ckpt_dir, step)
@@ -387,6 +391,17 @@ def save_step(manager: Any, ckpt_dir: str, step: int, state: Any,
     raise WorkdirError(f'Cannot save the checkpoint of step {step} in {ckpt_dir}: '
                        f'{reason or text[:300]}. Nothing else is lost: {resume} (the '
                        'half-written step is removed then).') from e
+  finally:
+    absl_logger.removeFilter(quiet)
+
+
+class _QuietOrbaxErrors(std_logging.Filter):
+  """Drops orbax's own ERROR records (each with the traceback of the failed
+  write, logged from its threads) while `save_step` runs: the exception reaches
+  save_step, which reports it once (the traceback: the CLIs' --verbose)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno < std_logging.ERROR or f'{os.sep}orbax{os.sep}' not in record.pathname
 
 
 def write_digest(ckpt_dir: str, step: int) -> None:
