@@ -214,14 +214,23 @@ def test_scratch_config_errors():
   assert scratch.expected_accuracy('deit_ti', 'cifar10') is None
 
 
-def test_finetune_hybrid_rpt_config():
-  from configs import finetune_hybrid_rpt as ft
-  for dataset, n in ft.NUM_TRAIN.items():
-    c = ft.get_config(dataset)
-    assert c.model_name == 'R50+ViT-B_16'
-    assert c.pretrained_path.endswith('/R50+ViT-B_16.npz')
-    assert (c.optim.name, c.batch_size, c.image_size) == ('sgd', 512, 384)
-    assert c.total_steps == math.ceil(100 * n / 512)   # "fine-tuned for 100 epochs"
-  assert ft.get_config('tiny_imagenet').test_split == 'val'
-  with pytest.raises(ValueError, match='needs a dataset, one of tf_flowers'):
-    ft.get_config('mnist')
+def test_finetune_rpt_config():
+  """The report's Table 5: four checkpoints x four datasets, 100 epochs each."""
+  from configs import finetune_rpt as ft
+  files = {'b16': 'imagenet21k/ViT-B_16.npz', 'b16s': 'imagenet21k+imagenet2012/ViT-B_16.npz',
+           'b32': 'imagenet21k/ViT-B_32.npz', 'r50_b16': 'imagenet21k/R50+ViT-B_16.npz'}
+  for model, file in files.items():
+    for dataset, n in ft.NUM_TRAIN.items():
+      c = ft.get_config(f'{model},{dataset}')
+      assert c.pretrained_path == f'gs://vit_models/{file}'
+      assert (c.optim.name, c.batch_size, c.image_size) == ('sgd', 512, 384)
+      assert c.total_steps == math.ceil(100 * n / 512)   # "fine-tuned for 100 epochs"
+      assert c.batch_size % c.accum_steps == 0
+      assert 30 < ft.EXPECTED[model][dataset] < 100
+  assert ft.get_config('r50_b16,cifar10').model_name == 'R50+ViT-B_16'
+  assert ft.get_config('b16s,tiny_imagenet').test_split == 'val'
+  with pytest.raises(ValueError, match='a model of b16, b16s, b32, r50_b16 and a dataset of '
+                                       'tf_flowers'):
+    ft.get_config('r50_b16')
+  with pytest.raises(ValueError, match='needs ":<model>,<dataset>"'):
+    ft.get_config('b16,mnist')
