@@ -374,8 +374,10 @@ def save_step(manager: Any, ckpt_dir: str, step: int, state: Any,
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   quiet = _QuietOrbaxErrors()
-  absl_logger = std_logging.getLogger('absl')
-  absl_logger.addFilter(quiet)
+  loggers = [std_logging.getLogger(name) for name in ('absl', 'asyncio')]
+  for logger in loggers:
+    logger.addFilter(quiet)
+  storage_failed = False
   try:
     manager.save(step, args=ocp.args.StandardSave(state))
     write_digest(ckpt_dir, step)
@@ -388,20 +390,27 @@ def save_step(manager: Any, ckpt_dir: str, step: int, state: Any,
     resume = (f'checkpoints up to step {last_saved} are complete; make room and re-run the '
               f'same command to resume from step {last_saved}' if last_saved is not None else
               'no earlier checkpoint exists; make room and re-run the same command')
+    storage_failed = True
     raise WorkdirError(f'Cannot save the checkpoint of step {step} in {ckpt_dir}: '
                        f'{reason or text[:300]}. Nothing else is lost: {resume} (the '
                        'half-written step is removed then).') from e
   finally:
-    absl_logger.removeFilter(quiet)
+    if not storage_failed:   # After one the run ends; orbax's leftovers stay quiet too.
+      for logger in loggers:
+        logger.removeFilter(quiet)
 
 
 class _QuietOrbaxErrors(std_logging.Filter):
-  """Drops orbax's own ERROR records (each with the traceback of the failed
-  write, logged from its threads) while `save_step` runs: the exception reaches
-  save_step, which reports it once (the traceback: the CLIs' --verbose)."""
+  """Drops the ERROR records of a failed orbax write: orbax's own (with the
+  traceback, from its threads) and asyncio's about its abandoned futures. The
+  exception reaches save_step, which reports it once (the traceback: the
+  CLIs' --verbose)."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno < std_logging.ERROR or f'{os.sep}orbax{os.sep}' not in record.pathname
+    if record.levelno < std_logging.ERROR:
+      return True
+    return (f'{os.sep}orbax{os.sep}' not in record.pathname and
+            'orbax' not in str(record.msg) + str(record.args))
 
 
 def write_digest(ckpt_dir: str, step: int) -> None:
