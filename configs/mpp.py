@@ -31,6 +31,10 @@ What the paper does and what we do:
   corrupted test patches whose target is predicted exactly (a fixed
   corruption, so evals are comparable), averaged over images.
 
+Expected result (tiny_imagenet, color3bit, docs/reproduction.md section 6):
+MPP accuracy 20.6% on Tiny-ImageNet val after 600 steps (11 min on 2 CPU
+cores), against 6.3% for always predicting the most frequent colour.
+
 Export: `<workdir>/SmallViT_8.npz` holds the encoder and the MPP head in the
 official layout (the [mask] embedding is dropped), loadable by every
 fine-tuning config. The comparison of MPP vs. from scratch vs. supervised

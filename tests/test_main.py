@@ -35,7 +35,8 @@ def main(*args, timeout=300):
     'folder:/data/x', 'folder:/data/x,scratch', 'pretrain_tiny_imagenet',
     'finetune_shipped:digits', 'finetune_shipped:cifar10',
     'finetune_shipped:tiny_imagenet', 'posemb_ablation:learn',
-    'head_ablation:gap,3e-4'])
+    'head_ablation:gap,3e-4', 'finetune_rpt:b16s,tiny_imagenet', 'finetune_rpt:r50_b16,tf_flowers',
+    'scratch:rot_vit,cifar10', 'mpp:tiny_imagenet'])
 def test_every_config_validates(spec):
   name, _, arg = spec.partition(':')
   module = importlib.import_module(f'configs.{name}')
