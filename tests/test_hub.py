@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, SHIPPED
 
-from vit_jax import checkpoint, hub, models
+from vit_jax import checkpoint, download, hub, models
 from vit_jax.workdir import Workdir
 
 
@@ -245,3 +245,52 @@ def test_an_official_name_downloads_once_through_the_hub(tmp_path, monkeypatch):
   assert model.model_config.model_name == 'SmallViT_8' and len(server.requests) == 1
   again = hub.load('SmallViT_8')  # offline: the cached copy
   _same(again.params, model.params)
+
+
+def test_official_heads_get_imagenet_class_names(tmp_path, monkeypatch, caplog):
+  """An official file with ImageNet-1k's head is named by ImageNet-1k's class
+  names, fetched once from the labels server; offline it stays numbered."""
+  from tests.test_download import Server  # pylint: disable=import-outside-toplevel
+  flat = checkpoint.flatten(checkpoint.load(str(SHIPPED)))
+  rng = np.random.default_rng(0)
+  flat['head/kernel'] = rng.normal(size=(192, 1000)).astype(np.float32)
+  flat['head/bias'] = np.zeros(1000, np.float32)
+  folder = tmp_path / 'bucket' / 'imagenet21k+imagenet2012'
+  folder.mkdir(parents=True)
+  checkpoint.save(checkpoint.unflatten(flat), str(folder / 'SmallViT_8.npz'))
+  (tmp_path / 'labels').mkdir()
+  names = [f'class {i}, synonym' for i in range(1000)]
+  (tmp_path / 'labels' / 'ilsvrc2012_wordnet_lemmas.txt').write_text('\n'.join(names) + '\n')
+  (tmp_path / 'labels' / 'imagenet21k_wordnet_lemmas.txt').write_text('too\nshort\n')
+  monkeypatch.setenv('VIT_JAX_CACHE_DIR', str(tmp_path / 'cache'))
+  bucket, labels = Server(tmp_path / 'bucket'), Server(tmp_path / 'labels')
+  monkeypatch.setenv('VIT_JAX_CHECKPOINT_URL', bucket.url)
+  monkeypatch.setenv('VIT_JAX_LABELS_URL', labels.url)
+  try:
+    model = hub.load('imagenet21k+imagenet2012/SmallViT_8')
+    assert model.labels == names and len(labels.requests) == 1
+    # A damaged label file is refused (and not kept); the classes stay numbered.
+    with pytest.raises(download.DownloadError, match='did not download as 21843 class names'):
+      download.official_labels(21843)
+    assert not list((tmp_path / 'cache' / 'labels').glob('imagenet21k*'))
+    assert download.official_labels(10) is None   # No official head has 10 classes.
+  finally:
+    bucket.stop()
+    labels.stop()
+  again = hub.load('imagenet21k+imagenet2012/SmallViT_8')   # offline: both cached
+  assert again.labels == names and model.top_k(np.eye(1000)[:1])[0][0]['name'] == names[0]
+
+  # A fresh cache and no labels server: the model loads with numbered classes.
+  monkeypatch.setenv('VIT_JAX_CACHE_DIR', str(tmp_path / 'cache2'))
+  (tmp_path / 'cache2' / 'imagenet21k+imagenet2012').mkdir(parents=True)
+  (tmp_path / 'cache2' / 'imagenet21k+imagenet2012' / 'SmallViT_8.npz').write_bytes(
+      (folder / 'SmallViT_8.npz').read_bytes())
+  monkeypatch.setenv('VIT_JAX_LABELS_URL', labels.url)   # Stopped: connection refused.
+  with caplog.at_level('WARNING'):
+    offline = hub.load('imagenet21k+imagenet2012/SmallViT_8')
+  assert offline.labels is None
+  assert 'Class names of the official 1000-class head unavailable' in caplog.text
+  # A local file that is not from the official bucket is not named.
+  local = tmp_path / 'mine.npz'
+  local.write_bytes((folder / 'SmallViT_8.npz').read_bytes())
+  assert hub.load(str(local)).labels is None

@@ -26,6 +26,11 @@ Content-Length and the zip's CRCs, opens it with ``allow_pickle=False``,
 and only then renames it to its final name: a truncated file never carries
 the final name.
 
+The class names of the official heads come the same way (`official_labels`):
+ImageNet-1k's and ImageNet-21k's WordNet lemmas, one line per class in the
+heads' order, from ``https://storage.googleapis.com/bit_models/``
+(``$VIT_JAX_LABELS_URL`` replaces that base), cached under ``labels/``.
+
 No TensorFlow, no JAX: standard library and numpy only.
 """
 
@@ -40,6 +45,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Callable
 
 import numpy as np
 
@@ -47,6 +53,9 @@ DEFAULT_BASE_URL = 'https://storage.googleapis.com/vit_models/'
 BUCKET = 'gs://vit_models/'
 DEFAULT_FOLDER = 'imagenet21k'
 TIMEOUT_S = 10.0
+DEFAULT_LABELS_URL = 'https://storage.googleapis.com/bit_models/'
+# The class names of the official heads, by their class count.
+LABEL_FILES = {1000: 'ilsvrc2012_wordnet_lemmas.txt', 21843: 'imagenet21k_wordnet_lemmas.txt'}
 _CHUNK = 1 << 20
 
 # AugReg (Steiner et al.) short name -> (model preset, file in augreg/): the
@@ -87,6 +96,27 @@ def base_url() -> str:
 
 def cache_dir() -> str:
   return os.path.expanduser(os.environ.get('VIT_JAX_CACHE_DIR') or '~/.cache/vit_jax')
+
+
+def is_official(path: str) -> bool:
+  """Whether `path` is a cached file of the official bucket (resolved from a name)."""
+  rel = os.path.relpath(os.path.abspath(path), os.path.abspath(cache_dir()))
+  return not rel.startswith(('..', 'urls' + os.sep, 'labels' + os.sep))
+
+
+def official_labels(num_classes: int, *, progress: bool = True) -> str | None:
+  """The class-name file of an official head of `num_classes` classes (a local
+  copy, downloaded once), or None for a class count no official head has."""
+  name = LABEL_FILES.get(num_classes)
+  if name is None:
+    return None
+  dest = os.path.join(cache_dir(), 'labels', name)
+  if not os.path.isfile(dest):
+    base = os.environ.get('VIT_JAX_LABELS_URL') or DEFAULT_LABELS_URL
+    url = (base if base.endswith('/') else base + '/') + name
+    download(url, dest, progress=progress,
+             check=lambda part, url: _check_lines(part, url, num_classes))
+  return dest
 
 
 def bucket_path(name: str) -> str | None:
@@ -133,9 +163,10 @@ def _manual(url: str, dest: str) -> str:
           'or point VIT_JAX_CHECKPOINT_URL at a mirror holding the same paths.')
 
 
-def download(url: str, dest: str, *, progress: bool = True,
-             timeout: float | None = None) -> None:
-  """Fetches `url` into `dest` through `dest.part` (resumed when present)."""
+def download(url: str, dest: str, *, progress: bool = True, timeout: float | None = None,
+             check: Callable[[str, str], None] | None = None) -> None:
+  """Fetches `url` into `dest` through `dest.part` (resumed when present);
+  `check(part, url)` (default: a whole .npz) vets the file before the rename."""
   timeout = timeout or TIMEOUT_S
   os.makedirs(os.path.dirname(dest) or '.', exist_ok=True)
   part = dest + '.part'
@@ -146,7 +177,7 @@ def download(url: str, dest: str, *, progress: bool = True,
   except urllib.error.HTTPError as e:
     if e.code == 416 and offset:   # The .part is already whole (or bogus): start again.
       os.remove(part)
-      return download(url, dest, progress=progress, timeout=timeout)
+      return download(url, dest, progress=progress, timeout=timeout, check=check)
     hint = (f'\nNo such file on the server: check the name. Official names: ViT-B_16, '
             f'imagenet21k+imagenet2012/ViT-B_16, AugReg {", ".join(AUGREG)}.'
             if e.code == 404 else '')
@@ -181,7 +212,7 @@ def download(url: str, dest: str, *, progress: bool = True,
   if total is not None and size != total:
     raise DownloadError(f'Download of {url} is incomplete: {size:,} of {total:,} bytes. '
                         f'Run the command again to resume from {part}.')
-  _check_npz(part, url)
+  (check or _check_npz)(part, url)
   os.replace(part, dest)
 
 
@@ -199,6 +230,21 @@ def _check_npz(path: str, url: str) -> None:
     os.remove(path)
     raise DownloadError(f'{url} did not download as a valid .npz checkpoint ({e}); '
                         'the partial file was removed. Run the command again.') from None
+
+
+def _check_lines(path: str, url: str, num_classes: int) -> None:
+  """A text file of `num_classes` lines, or the .part is removed and an error raised."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      lines = f.read().rstrip('\n').split('\n')
+  except (OSError, UnicodeDecodeError) as e:
+    lines, problem = [], str(e)
+  else:
+    problem = f'{len(lines)} lines'
+  if len(lines) != num_classes:
+    os.remove(path)
+    raise DownloadError(f'{url} did not download as {num_classes} class names ({problem}); '
+                        'the partial file was removed. Run the command again.')
 
 
 def _progress(url: str, done: int, total: int | None) -> None:

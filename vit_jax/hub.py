@@ -30,7 +30,9 @@ What decides what:
   resolution the position embeddings are resized as for fine-tuning
   (`checkpoint.fit_position_embeddings`, the one resize).
 * The class names: `labels=`, else the run's labels.txt, else the file's
-  `<name>.labels.txt`.
+  `<name>.labels.txt`, else, for an official checkpoint with ImageNet-1k's
+  or ImageNet-21k's head, their WordNet names (`download.official_labels`,
+  fetched once; without network the classes stay numbered, with a warning).
 """
 
 from __future__ import annotations
@@ -43,8 +45,10 @@ from typing import Any
 
 import numpy as np
 
+from absl import logging
+
 from vit_jax import checkpoint as ckpt
-from vit_jax import config_schema, images, models
+from vit_jax import config_schema, download, images, models
 from vit_jax.images import CROP_FRACTION, hw
 from vit_jax.models import vit
 from vit_jax.workdir import Workdir, WorkdirError, read_labels
@@ -264,6 +268,8 @@ def load(name: str | os.PathLike, *, model: Any = None, step: int | None = None,
   params = _fit(module, params, size, source, mc, new_head)
   names = (_labels(labels, None, '', classes) if new_head else
            _labels(labels, wd if config else None, source, classes))
+  if names is None and not new_head and not config and download.is_official(source):
+    names = _official_names(classes)
   return Model(module=module, params=params, model_config=mc, image_size=size,
                batch_stats=variables.get('batch_stats'),
                pp_eval=pp.get('eval') or 'resize',
@@ -340,6 +346,18 @@ def _labels(labels: str | Sequence[str] | None, wd: Workdir | None, source: str,
     raise HubError(f'Label file {path or "labels"} has {len(names)} names but the model has '
                    f'{num_classes} classes.')
   return names
+
+
+def _official_names(num_classes: int) -> list[str] | None:
+  """ImageNet-1k's or -21k's class names for an official head (download.official_labels);
+  None, with a warning, when they cannot be had: they only name the classes."""
+  try:
+    path = download.official_labels(num_classes)
+  except download.DownloadError as e:
+    logging.warning('Class names of the official %d-class head unavailable: %s', num_classes,
+                    str(e).split('\n')[0])
+    return None
+  return read_labels(path) if path else None
 
 
 # ---------------------------------------------------------------------------
