@@ -216,3 +216,35 @@ def test_cli_json_equals_evaluator(tmp_path, capsys):
   assert text.startswith('digits: few-shot accuracy of pre_logits')
   row = next(line for line in text.splitlines() if line.startswith('    5  '))
   assert float(row.split()[1]) == pytest.approx(out['metrics']['fewshot/digits_5shot'], abs=1e-4)
+
+
+def test_cli_on_a_folder_of_jpegs(tmp_path, capsys):
+  """The CLI passes the model's (h, w) resolution to the folder pipeline, whose
+  JPEG decoding picks its DCT scale from it: the same numbers as an int size."""
+  import json
+
+  import jax
+  from PIL import Image
+
+  from vit_jax import checkpoint, hub, models
+  model = models.get_model('testing', num_classes=10)
+  params = jax.jit(model.init)(jax.random.PRNGKey(2), np.zeros((1, 32, 32, 3), np.float32))['params']
+  checkpoint.save(params, str(tmp_path / 'm.npz'))
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 6), ('test', 3)):
+    for c, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+      (tmp_path / 'data' / split / f'c{c}').mkdir(parents=True)
+      for i in range(n):   # Large enough for a reduced DCT scale at 16px.
+        pixels = np.clip(rng.normal(colour, 40, (160, 200, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / 'data' / split / f'c{c}' / f'{i}.jpg')
+  args = [f'--checkpoint={tmp_path}/m.npz', '--model=testing', f'--dataset=folder:{tmp_path}/data',
+          '--image_size=16', '--shots=1,5', '--seeds=0', '--json']
+  assert fewshot.main(args) == 0
+  out = json.loads(capsys.readouterr().out)['metrics']
+  bundle = hub.load(f'{tmp_path}/m.npz', model='testing', image_size=16)
+  assert bundle.image_size == (16, 16)
+  ev = evaluators.FewShotEvaluator(
+      {'dataset': f'folder:{tmp_path}/data', 'image_size': 16, 'shots': (1, 5), 'seeds': (0,)},
+      bundle.module)
+  assert out == ev.run(bundle.params)
+  assert 0.5 <= out['fewshot/data_5shot'] <= 1.0, out   # Two colours: easy.

@@ -70,7 +70,7 @@ except ImportError:
   raise ImportError("vit_jax.input_pipeline needs TensorFlow: pip install 'vit_jax[train]'") from None
 
 from vit_jax import checkpoint, preprocess
-from vit_jax.images import CROP_FRACTION, DCT_MIN_SIDE
+from vit_jax.images import CROP_FRACTION, DCT_MIN_SIDE, hw
 from vit_jax.dataset_info import IMAGE_EXTENSIONS, DatasetInfo
 from vit_jax.models.vit import config_value
 
@@ -595,11 +595,11 @@ def decode_image(encoded: tf.Tensor, min_side: int | None = None) -> tf.Tensor:
   return image
 
 
-def _loader(source: Source, image_size: int | None = None
+def _loader(source: Source, image_size: int | tuple[int, int] | None = None
             ) -> Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]:
   """fn(example index) -> (uint8 image, int32 label) for random-access sources."""
   labels = tf.constant(source.labels, tf.int32)
-  min_side = DCT_MIN_SIDE * image_size if image_size else None
+  min_side = DCT_MIN_SIDE * min(hw(image_size)) if image_size else None
   if source.kind == 'files':
     paths = tf.constant(source.data)
     return lambda i: (decode_image(tf.io.read_file(tf.gather(paths, i)), min_side),
