@@ -182,3 +182,14 @@ def test_bad_mpp_config_is_a_clear_error(tmp_path):
     train.run(config, str(tmp_path / 'b'))
   with pytest.raises(ValueError, match='configs/mpp.py needs'):
     module.get_config('imagenet')
+  # The tools load the export too (few-shot, analysis, predict): its head
+  # predicts colours, so the run wrote no labels.txt and the classes are the
+  # 512 numbered colours. (A labels.txt of the dataset's 10 digits, as older
+  # runs wrote, is left out with a warning.)
+  assert not (tmp_path / 'mpp' / 'labels.txt').exists()
+  bundle = hub.load(str(tmp_path / 'mpp' / 'SmallViT_8.npz'))
+  assert bundle.num_classes == 512 and bundle.labels is None
+  (tmp_path / 'mpp' / 'labels.txt').write_text(''.join(f'{d}\n' for d in range(10)))
+  assert hub.load(str(tmp_path / 'mpp')).labels is None
+  with pytest.raises(hub.HubError, match='has 10 names but the model has 512'):
+    hub.load(str(tmp_path / 'mpp'), labels=str(tmp_path / 'mpp' / 'labels.txt'))

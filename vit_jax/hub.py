@@ -51,7 +51,7 @@ from vit_jax import checkpoint as ckpt
 from vit_jax import config_schema, download, images, models
 from vit_jax.images import CROP_FRACTION, hw
 from vit_jax.models import vit
-from vit_jax.workdir import Workdir, WorkdirError, read_labels
+from vit_jax.workdir import LABELS_NAME, Workdir, WorkdirError, read_labels
 
 
 class HubError(ValueError):
@@ -330,21 +330,30 @@ def _fit(module: Any, params: Any, size: tuple[int, int], source: str, mc: Any,
 
 def _labels(labels: str | Sequence[str] | None, wd: Workdir | None, source: str,
             num_classes: int) -> list[str] | None:
-  """Class names: given, the workdir's labels.txt, or `<file>.labels.txt`."""
+  """Class names: given, the workdir's labels.txt, or `<file>.labels.txt`.
+
+  Given names must fit the head (else HubError); found ones that do not (a
+  run's labels.txt next to a head of other targets, e.g. masked patch
+  prediction's colours) are left out with a warning.
+  """
   path = labels if isinstance(labels, str) else None
   try:
     if labels is None and wd is not None:
-      names = wd.labels()
+      path, names = wd.file(LABELS_NAME), wd.labels()
     elif labels is None:
       side = source[:-4] + '.labels.txt' if source.endswith('.npz') else None
-      names = read_labels(side) if side and os.path.isfile(side) else None
+      path, names = side, (read_labels(side) if side and os.path.isfile(side) else None)
     else:
       names = read_labels(path) if path else [str(n) for n in labels]
   except WorkdirError as e:
     raise HubError(str(e)) from None
   if names is not None and len(names) != num_classes:
-    raise HubError(f'Label file {path or "labels"} has {len(names)} names but the model has '
-                   f'{num_classes} classes.')
+    problem = (f'Label file {path or "labels"} has {len(names)} names but the model has '
+               f'{num_classes} classes')
+    if labels is not None:
+      raise HubError(problem + '.')
+    logging.warning('%s: its classes stay numbered.', problem)
+    return None
   return names
 
 

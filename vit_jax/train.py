@@ -371,7 +371,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
   info = data.get_dataset_info(config)
   num_classes = config.get('num_classes') or info.num_classes
   wd = workdir_lib.Workdir(workdir)
-  wd.write_labels(info.class_names)
   if is_main:
     if info.held_out_test_files:
       with open(os.path.join(workdir, 'test_files.txt'), 'w') as f:
@@ -388,6 +387,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str,
 
   # ========================= Model =========================
   objective = objective_from_config(config)  # None: classification.
+  if objective is None and info.class_names and len(info.class_names) == num_classes:
+    wd.write_labels(info.class_names)   # The head's classes (not MPP's targets).
   model, mc = hub.build(config, objective.num_outputs if objective else num_classes)
   teacher = hub.load_teacher(config, num_classes)
   write_run_info(workdir, model)
