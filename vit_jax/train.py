@@ -23,7 +23,8 @@ Workdir layout (others rely on it):
   <model_name>.json    its sidecar (checkpoint.read_sidecar): model config,
                        num_classes, eval preprocessing, timm.create_model
                        arguments or why there are none (export.sidecar_record)
-  labels.txt           class names, one per line, in label order
+  labels.txt           class names, one per line, in label order (not for MPP,
+                       whose head predicts colours)
   test_files.txt       the held-out test images of a stratified folder split
   final_metrics.json   the final eval (and its step)
   run_info.json        dtype, platform, device kind and count, jax version
