@@ -63,6 +63,15 @@ if [[ $what == methods || $what == all ]]; then
       --config.dataset=folder:$TINY_IMAGENET_DIR --config.total_steps=600
   run mpp_finetune_digits --config=configs/finetune_shipped.py:digits \
       --config.pretrained_path=$W/mpp_tiny_imagenet/SmallViT_8.npz --config.polyak_decay=0.99
+  # MPP at the supervised checkpoint's budget (4,800 steps, section 6b), its
+  # fine-tune over three seeds (no scratch twin: section 10 has those).
+  run mpp_tin_4800 --config=configs/mpp.py:tiny_imagenet \
+      --config.dataset=folder:$TINY_IMAGENET_DIR --config.total_steps=4800 \
+      --config.eval_every=800 --config.checkpoint_every=400 --config.keep_checkpoints=20
+  for s in 0 1 2; do
+    run ft_mpp4800_seed$s --config=configs/finetune_shipped.py:digits --config.seed=$s \
+        --config.scratch_baseline=None --config.pretrained_path=$W/mpp_tin_4800/SmallViT_8.npz
+  done
   # Supervised pre-training (the shipped checkpoint) on the same fine-tune,
   # with Polyak averaging (decay 0.99 over 300 steps).
   run polyak_digits --config=configs/finetune_shipped.py:digits --config.polyak_decay=0.99
