@@ -472,8 +472,13 @@ def test_batchnorm_model_and_distillation_end_to_end(tmp_path):
   student.distill = ml_collections.ConfigDict({
       'teacher_model': 'ResNet-56',
       'teacher_checkpoint': str(tmp_path / 'teacher' / 'tiny-resnet.npz')})
-  with pytest.raises(ckpt_lib.CheckpointError, match='does not fit'):
+  with pytest.raises(ckpt_lib.CheckpointError, match='cannot be used as .*does not fit'):
     train.run(student, str(tmp_path / 'wrong_teacher'))  # 9 blocks vs 1
+  missing = student.copy_and_resolve_references()
+  missing.distill.teacher_checkpoint = str(tmp_path / 'resnet56_cifar10' / 'ResNet-56.npz')
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"teacher_checkpoint='.*ResNet-56.npz' does "
+                     r'not exist\. Train the teacher \(ResNet-56\) on the same data first'):
+    train.run(missing, str(tmp_path / 'no_teacher'))
   student.distill = ml_collections.ConfigDict({
       'teacher_model': {'model_type': 'resnet_cifar', 'blocks_per_stage': 1},
       'teacher_checkpoint': student.distill.teacher_checkpoint})

@@ -385,12 +385,18 @@ def load_teacher(config: Any, num_classes: int) -> tuple[Any, dict[str, Any]] | 
   distill = config.get('distill')
   if not distill:
     return None
+  path = distill.teacher_checkpoint
+  if not os.path.exists(path) and download.bucket_path(path) is None and '://' not in path:
+    raise ckpt.CheckpointError(
+        f'The DeiT teacher config.distill.teacher_checkpoint={path!r} does not exist. Train '
+        f'the teacher ({distill.teacher_model}) on the same data first (configs/scratch.py: '
+        f'its resnet56 for deit_ti), or point --config.distill.teacher_checkpoint at one.')
   try:
-    teacher = load(distill.teacher_checkpoint, model=distill.teacher_model,
+    teacher = load(path, model=distill.teacher_model,
                    image_size=config.image_size, dtype=config.get('dtype', 'auto'))
   except HubError as e:
     raise ckpt.CheckpointError(
-        f'Teacher checkpoint {distill.teacher_checkpoint} does not fit '
+        f'Teacher checkpoint {path} cannot be used as '
         f'config.distill.teacher_model={distill.teacher_model!r}: {e}') from None
   if teacher.num_classes != num_classes:
     raise ckpt.CheckpointError(
