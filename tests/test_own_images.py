@@ -109,7 +109,7 @@ def test_recipe_by_model_size_and_command_line_values_win():
   r = train.resolve_config(c)
   assert (r.model_name, r.recipe) == ('SmallViT_8', 'cpu')
   assert (r.image_size, r.batch_size, r.total_steps, r.lr.base, r.pp.train) == (
-      32, 128, 300, 0.01, 'rpt_augment')
+      32, 128, 300, 0.03, 'rpt_augment')
   assert r.num_classes is None   # From the data.
   train.validate_config(r)
   assert train.resolve_config(r).to_json() == r.to_json()   # Idempotent.
