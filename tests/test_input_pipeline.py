@@ -7,7 +7,7 @@ import pathlib
 import ml_collections
 import numpy as np
 import pytest
-from conftest import extract_once, tiny_imagenet_val_dir
+from conftest import SHIPPED, extract_once, tiny_imagenet_val_dir
 from PIL import Image
 
 from vit_jax import input_pipeline as ip
@@ -114,6 +114,10 @@ def test_tiny_imagenet_layout_is_read_directly(tmp_path):
   _write(root / 'test' / 'images' / 'test_0.JPEG', 0, 'JPEG')
   c = _config(dataset=f'folder:{root}', test_split='val')
   assert ip.get_dataset_info(c)[:4] == (2, 4, 3, ('n01', 'n02'))
+  # words.txt names the WordNet IDs for people (labels.txt); the order stays.
+  (root / 'words.txt').write_text('n00\tentity\nn02\tgoldfish, Carassius auratus\n')
+  ip.load_source.cache_clear()   # Sources are cached per (dataset, split).
+  assert ip.get_dataset_info(c).class_names == ('n01', 'goldfish, Carassius auratus')
   val = ip.load_source(f'folder:{root}', 'val')
   assert [os.path.basename(p) for p in val.data] == ['val_0.JPEG', 'val_1.JPEG', 'val_2.JPEG']
   np.testing.assert_array_equal(val.labels, [1, 0, 1])
@@ -294,7 +298,9 @@ def test_real_tiny_imagenet_val_split():
               pp={'train': 'resize', 'eval': 'resize'})
   info = ip.get_dataset_info(c)
   assert info.num_classes == 200 and info.num_test == 10_000
-  assert info.class_names[0] == 'n01443537' and list(info.class_names) == sorted(info.class_names)
+  # In the wnids' sorted order, named by words.txt: the shipped checkpoint's labels.
+  shipped = SHIPPED.with_suffix('.labels.txt').read_text()
+  assert list(info.class_names) == shipped.splitlines() and info.class_names[0].startswith('goldfish')
   counts = np.zeros(200, int)
   for b in ip.make_eval_iter(c, process_index=0, process_count=1):  # decodes every file, greyscale JPEGs too
     counts += np.bincount(b['label'][b['mask'] == 1], minlength=200)

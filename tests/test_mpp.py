@@ -165,6 +165,17 @@ def test_pretrain_export_and_finetune_load(tmp_path):
   params = ckpt_lib.load_pretrained(str(tmp_path / 'mpp' / 'SmallViT_8.npz'), init, mc)
   assert params['head']['kernel'].shape == (192, 10) and not np.any(params['head']['kernel'])
   np.testing.assert_array_equal(params['embedding']['kernel'], exported['embedding']['kernel'])
+  # The tools load the export too (few-shot, analysis, predict): its head
+  # predicts colours, so the run wrote no labels.txt and the classes are the
+  # 512 numbered colours. (A labels.txt of the dataset's 10 digits, as older
+  # runs wrote, is left out with a warning.)
+  assert not (tmp_path / 'mpp' / 'labels.txt').exists()
+  bundle = hub.load(str(tmp_path / 'mpp' / 'SmallViT_8.npz'))
+  assert bundle.num_classes == 512 and bundle.labels is None
+  (tmp_path / 'mpp' / 'labels.txt').write_text(''.join(f'{d}\n' for d in range(10)))
+  assert hub.load(str(tmp_path / 'mpp')).labels is None
+  with pytest.raises(hub.HubError, match='has 10 names but the model has 512'):
+    hub.load(str(tmp_path / 'mpp'), labels=str(tmp_path / 'mpp' / 'labels.txt'))
 
 
 def test_bad_mpp_config_is_a_clear_error(tmp_path):
@@ -182,14 +193,3 @@ def test_bad_mpp_config_is_a_clear_error(tmp_path):
     train.run(config, str(tmp_path / 'b'))
   with pytest.raises(ValueError, match='configs/mpp.py needs'):
     module.get_config('imagenet')
-  # The tools load the export too (few-shot, analysis, predict): its head
-  # predicts colours, so the run wrote no labels.txt and the classes are the
-  # 512 numbered colours. (A labels.txt of the dataset's 10 digits, as older
-  # runs wrote, is left out with a warning.)
-  assert not (tmp_path / 'mpp' / 'labels.txt').exists()
-  bundle = hub.load(str(tmp_path / 'mpp' / 'SmallViT_8.npz'))
-  assert bundle.num_classes == 512 and bundle.labels is None
-  (tmp_path / 'mpp' / 'labels.txt').write_text(''.join(f'{d}\n' for d in range(10)))
-  assert hub.load(str(tmp_path / 'mpp')).labels is None
-  with pytest.raises(hub.HubError, match='has 10 names but the model has 512'):
-    hub.load(str(tmp_path / 'mpp'), labels=str(tmp_path / 'mpp' / 'labels.txt'))

@@ -346,7 +346,23 @@ def _folder_source(root: str, split: str, train_split: str) -> Source:
         'expected root/<split>/<class>/<image files>.'
     )
   data, label_arr = _apply_slice(split, np.array(paths), np.array(labels, np.int32))
-  return Source(f'folder:{root}/{split}{note}', 'files', data, label_arr, len(label_arr), classes)
+  return Source(f'folder:{root}/{split}{note}', 'files', data, label_arr, len(label_arr),
+                _display_names(root, classes))
+
+
+def _display_names(root: str, classes: tuple[str, ...]) -> tuple[str, ...]:
+  """The class names people read (labels.txt, predict): the folder names, except
+  that Tiny-ImageNet's root/words.txt turns its WordNet IDs into words
+  ('n01443537' -> 'goldfish, Carassius auratus'). The label order is the folders'."""
+  words = os.path.join(root, 'words.txt')
+  if not os.path.isfile(words):
+    return classes
+  table = {}
+  with open(words, encoding='utf-8', errors='replace') as f:
+    for line in f:
+      wnid, _, text = line.rstrip('\n').partition('\t')
+      table[wnid.strip()] = text.strip()
+  return tuple(table.get(c) or c for c in classes)
 
 
 def _npz_source(path: str, split: str) -> Source:
