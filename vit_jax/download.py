@@ -90,7 +90,12 @@ class DownloadError(OSError):
 
 
 def base_url() -> str:
-  url = os.environ.get('VIT_JAX_CHECKPOINT_URL') or DEFAULT_BASE_URL
+  return _url_base('VIT_JAX_CHECKPOINT_URL', DEFAULT_BASE_URL)
+
+
+def _url_base(env_var: str, default: str) -> str:
+  """$env_var (a mirror, a test server) or `default`, ending in '/'."""
+  url = os.environ.get(env_var) or default
   return url if url.endswith('/') else url + '/'
 
 
@@ -112,8 +117,7 @@ def official_labels(num_classes: int, *, progress: bool = True) -> str | None:
     return None
   dest = os.path.join(cache_dir(), 'labels', name)
   if not os.path.isfile(dest):
-    base = os.environ.get('VIT_JAX_LABELS_URL') or DEFAULT_LABELS_URL
-    url = (base if base.endswith('/') else base + '/') + name
+    url = _url_base('VIT_JAX_LABELS_URL', DEFAULT_LABELS_URL) + name
     download(url, dest, progress=progress,
              check=lambda part, url: _check_lines(part, url, num_classes))
   return dest
