@@ -20,14 +20,15 @@ g.worker_jax(...)"``), in this order, skipping what no longer fits `--budget_s`:
 4. timm's ViT-B/16 of the same shape: eager with AMP bf16 (timm's fused
    SDPA attention), f32 with TF32 and `torch.compile`, the same SGD-momentum
    step (no clipping: timm users' plain loop);
-5. ablations for the speed targets: the einsum attention at 224, the 224
-   train step under other XLA code generation (`XLA_FLAG_VARIANTS`: Triton
-   GEMMs, cuDNN LayerNorm);
+5. a profile of the 224 and 384 train steps (`worker_profile`): device
+   time per step by op class (matmul, attention, copies, fusions) and the
+   top ops, with the optimised HLO written next to the results;
 6. the training loop itself (`python -m vit_jax.main`, `dataset=synthetic`)
    at the step's shape: its logged images/sec over the benchmark step's;
-7. the rest: the einsum attention at 384, f32, and ViT-L/16 and ViT-H/14
-   at 384 with per-block remat (peak memory of a 32- and a 16-image
-   micro-batch step: what batch 512 through accumulation needs).
+7. the rest: the einsum attention at 384, f32, ViT-L/16 and ViT-H/14 at
+   384 with per-block remat (peak memory of a 32- and a 16-image micro-batch
+   step: what batch 512 through accumulation needs), then the ablations
+   two runs settled (einsum attention at 224, `XLA_FLAG_VARIANTS`).
 
 MFU = images/sec x analytic FLOPs per image (matmuls and attention, 2 per
 MAC, unpadded tokens; a train step counts 3x forward) / measured peak.
@@ -188,6 +189,102 @@ def worker_jax(cases: list, repeats: int, pad_multiple: int, xla_flags: str = ''
       rec['error'] = f'{type(e).__name__}: {e}'[:500]
     rec['wall_s'] = time.time() - t0
     emit(rec)
+
+
+def worker_profile(cases: list, pad_multiple: int, out_dir: str, steps: int = 5) -> None:
+  """Where a step's device time goes: `steps` steps of each case under
+  `jax.profiler.trace`, device time summed per HLO op of the optimised
+  program (the program is written to `out_dir`/<case>.hlo.txt.gz to read
+  the fusions), one record per op class and per top op."""
+  import gzip
+  import tempfile
+  import jax
+  from vit_jax import benchmark
+  from vit_jax.models import vit
+  vit.ATTENTION_PAD_MULTIPLE = pad_multiple
+  for name, model_name, res, batch, train, dtype, variant in cases:
+    model, variables = benchmark.build(model_name, num_classes=1000, resolution=res,
+                                       dtype=dtype, **variant)
+    step = benchmark.compile_step(model, variables, batch=batch, resolution=res, train=train)
+    benchmark.time_calls(step.call, 3, warmup=2)
+    hlo = step.hlo()
+    with gzip.open(os.path.join(out_dir, f'{name}.hlo.txt.gz'), 'wt') as f:
+      f.write(hlo)
+    logdir = tempfile.mkdtemp()
+    with jax.profiler.trace(logdir, create_perfetto_trace=True):
+      benchmark.time_calls(step.call, steps, warmup=0)
+    trace = next(os.path.join(root, f) for root, _, files in os.walk(logdir) for f in files
+                 if f == 'perfetto_trace.json.gz')
+    for rec in op_profile(trace, hlo, steps):
+      emit(dict(framework='profile', case=name, model=model_name, res=res, batch=batch,
+                **rec))
+
+
+def hlo_ops(hlo: str) -> dict[str, str]:
+  """Instruction name -> 'opcode kind/target shape' of optimised HLO text."""
+  import re
+  ops = {}
+  for line in hlo.splitlines():
+    m = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(', line)
+    if not m:
+      continue
+    name, shape, opcode = m.groups()
+    extra = re.search(r'custom_call_target="([^"]+)"|kind=(\w+)', line)
+    what = next((g for g in extra.groups() if g), '') if extra else ''
+    ops[name] = f'{opcode} {what} {shape[:60]}'.replace('  ', ' ')
+  return ops
+
+
+def op_class(desc: str, kernel: str) -> str:
+  """A coarse class of an op from its HLO description and kernel name."""
+  text = f'{desc} {kernel}'.lower()
+  if 'fmha' in text or 'flash' in text or 'dot_product_attention' in text:
+    return 'attention'
+  if any(k in text for k in ('gemm', 'cublas', 'matmul', 'xmma', 'nvjet', 'cutlass',
+                             'triton_gemm')):
+    return 'matmul'
+  if 'transpose' in text or 'copy' in text:
+    return 'copy/transpose'
+  if 'kinput' in text or 'reduce' in text:
+    return 'reduction fusion'
+  if 'kloop' in text or 'fusion' in text:
+    return 'elementwise fusion'
+  return 'other'
+
+
+def op_profile(trace_path: str, hlo: str, steps: int, top: int = 25) -> list[dict]:
+  """Device time per step by op class and for the `top` ops, from a
+  perfetto trace of `steps` steps: the events of the device processes
+  (GPU/TPU streams; on CPU, XLA's thunk threads) that name an `hlo_op`."""
+  import gzip
+  with gzip.open(trace_path, 'rt') as f:
+    events = json.load(f)['traceEvents']
+  procs = {e['pid']: e['args']['name'] for e in events
+           if e.get('ph') == 'M' and e.get('name') == 'process_name'}
+  devices = {pid for pid, n in procs.items() if '/device:' in n}
+  ops = hlo_ops(hlo)
+  per_op: dict[str, list] = {}
+  for e in events:
+    args = e.get('args') or {}
+    if e.get('ph') != 'X' or 'hlo_op' not in args or (devices and e['pid'] not in devices):
+      continue
+    rec = per_op.setdefault(args['hlo_op'], [0.0, 0, e['name']])
+    rec[0] += e.get('dur', 0.0)
+    rec[1] += 1
+  total = sum(v[0] for v in per_op.values()) or 1.0
+  classes: dict[str, float] = {}
+  rows = []
+  for op, (us, n, kernel) in per_op.items():
+    desc = ops.get(op, '')
+    cls = op_class(desc, kernel)
+    classes[cls] = classes.get(cls, 0.0) + us
+    rows.append(dict(op=op, op_class=cls, ms_per_step=us / steps / 1e3, share=us / total,
+                     launches_per_step=n / steps, hlo=desc, kernel=kernel[:80]))
+  out = [dict(op='TOTAL device time', op_class='all', ms_per_step=total / steps / 1e3,
+              share=1.0)]
+  out += [dict(op=f'class {c}', op_class=c, ms_per_step=us / steps / 1e3, share=us / total)
+          for c, us in sorted(classes.items(), key=lambda kv: -kv[1])]
+  return out + sorted(rows, key=lambda r: -r['ms_per_step'])[:top]
 
 
 def worker_torch(cases: list, repeats: int, smoke: bool) -> None:
@@ -364,6 +461,12 @@ def table(records: list[dict]) -> str:
   ours = rows.get('B16-224-train-bf16', {}).get('jax')
   if comp and ours:
     lines.append(f'vit_jax bf16 train @224 / timm+torch.compile: {ours["img_s"] / comp["img_s"]:.2f}')
+  for case in dict.fromkeys(r['case'] for r in records if r.get('framework') == 'profile'):
+    prof = [r for r in records if r.get('framework') == 'profile' and r['case'] == case]
+    lines.append(f'profile {case}: device ms/step by class and top ops')
+    lines += [f'  {r["ms_per_step"]:8.2f} ms {100 * r["share"]:5.1f}%  {r["op"][:40]:40s} '
+              f'{r.get("launches_per_step", ""):>5} {r.get("hlo", "")[:60]} {r.get("kernel", "")[:50]}'
+              for r in prof[:22]]
   mem = [r for r in records if 'peak_mem_gb' in r and r['framework'] == 'jax']
   for r in mem:
     lines.append(f'peak device memory {r["case"]}: {r["peak_mem_gb"]:.1f} GiB')
@@ -413,19 +516,22 @@ def main(args: cli.Args) -> None:
     worker(worker_jax, 0.5, jax_cases, args.repeats, pad)
     worker(worker_torch, 0.4, torch_cases if args.smoke else torch_cases[:3], args.repeats,
            args.smoke)
-    if args.smoke:   # The XLA-flags path, once.
-      worker(worker_jax, 0.4, jax_cases[:1], args.repeats, pad, XLA_FLAG_VARIANTS[0])
-    else:   # What the open speed targets need to know first, then the rest.
+    if not args.smoke:
       worker(worker_torch, 0.5, torch_cases[3:], args.repeats, args.smoke)
-      worker(worker_jax, 0.4, JAX_EXTRA[:1], args.repeats, pad)
-      for flags in XLA_FLAG_VARIANTS:   # The 224 step under other XLA code generation.
-        worker(worker_jax, 0.4, JAX_CASES[:1], args.repeats, pad, flags)
+    # Where the train steps' time goes (the open speed targets need it first).
+    worker(worker_profile, 0.5, [c for c in jax_cases if c[4]][:2], pad, args.out)
     if left() > 30:
       records.extend(run_loop(jax_cases[0], pad, 0.4 * left(), log, args.smoke))
-    if not args.smoke:
+    if args.smoke:   # The XLA-flags path, once.
+      worker(worker_jax, 0.4, jax_cases[:1], args.repeats, pad, XLA_FLAG_VARIANTS[0])
+    else:
       worker(worker_jax, 0.6, JAX_EXTRA[1:3], args.repeats, pad)
       for case in JAX_EXTRA[3:]:   # Each in its own process: its own peak memory.
         worker(worker_jax, 0.6, [case], args.repeats, pad)
+      # Settled twice (benchmarks/RESULTS.md), rerun last when time is left.
+      worker(worker_jax, 0.4, JAX_EXTRA[:1], args.repeats, pad)
+      for flags in XLA_FLAG_VARIANTS:   # The 224 step under other XLA code generation.
+        worker(worker_jax, 0.4, JAX_CASES[:1], args.repeats, pad, flags)
   with open(os.path.join(args.out, 'results.jsonl'), 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
   text = table(records)

@@ -182,5 +182,44 @@ def test_gpu_vs_timm_smoke_runs_every_worker(tmp_path):
                                            'Ti16-32-train-f32 +triton_gemm_any=true'}
   loop = next(r for r in records if r['framework'] == 'loop')
   assert loop['img_s'] > 0
+  prof = [r for r in records if r['framework'] == 'profile']
+  total = next(r for r in prof if r['op'] == 'TOTAL device time')
+  classes = [r for r in prof if r['op'].startswith('class ')]
+  assert total['ms_per_step'] > 0
+  assert sum(r['ms_per_step'] for r in classes) == pytest.approx(total['ms_per_step'])
+  top = [r for r in prof if 'hlo' in r]
+  assert top and all(r['hlo'] for r in top)   # Every timed op found in the program.
+  assert (tmp_path / 'Ti16-32-train-f32.hlo.txt.gz').stat().st_size > 0
   table = (tmp_path / 'table.txt').read_text()
   assert 'fastest attention layer at T=197' in table and 'Ti16-32-train-f32' in table
+  assert 'profile Ti16-32-train-f32' in table
+
+
+def test_op_profile_sums_a_trace_by_hlo_op(tmp_path):
+  """The profile parser on a real trace of a known program: every op it
+  times is an instruction of the optimised HLO, and per-op times add up."""
+  import os
+  import sys
+  import jax
+  import jax.numpy as jnp
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'benchmarks'))
+  import gpu_vs_timm as g
+  f = jax.jit(lambda a: jnp.tanh(a @ a.T).sum(0))
+  a = jnp.ones((128, 64))
+  compiled = f.lower(a).compile()
+  compiled(a).block_until_ready()
+  with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+    for _ in range(2):
+      compiled(a).block_until_ready()
+  trace = next(os.path.join(r, n) for r, _, fs in os.walk(tmp_path) for n in fs
+               if n == 'perfetto_trace.json.gz')
+  hlo = compiled.as_text()
+  rows = g.op_profile(trace, hlo, steps=2)
+  ops = [r for r in rows if 'hlo' in r]
+  assert ops and all(r['op'] in g.hlo_ops(hlo) for r in ops)
+  assert all(r['launches_per_step'] == 1 for r in ops)
+  total = rows[0]['ms_per_step']
+  assert sum(r['ms_per_step'] for r in ops) == pytest.approx(total)
+  assert g.op_class('custom-call __cudnn$fmhaSoftmax bf16[]', '') == 'attention'
+  assert g.op_class('custom-call __cublas$lt$matmul f32[]', '') == 'matmul'
+  assert g.op_class('fusion kLoop bf16[]', 'loop_transpose_fusion') == 'copy/transpose'

@@ -178,10 +178,12 @@ def train_recipe(config: Any = None) -> Any:
 
 @dataclasses.dataclass
 class CompiledStep:
-  """A ready-to-time step: `call()` runs one batch and returns arrays to wait on."""
+  """A ready-to-time step: `call()` runs one batch and returns arrays to wait on.
+  `hlo()` is the optimised HLO text of what runs (for profiles)."""
   call: Callable[[], Any]
   compile_s: float
   flops: float | None
+  hlo: Callable[[], str]
 
 
 def compile_step(model: Any, variables: dict[str, Any], *, batch: int, resolution: int,
@@ -228,7 +230,8 @@ def compile_step(model: Any, variables: dict[str, Any], *, batch: int, resolutio
     def call():
       return compiled(variables, images)
 
-  return CompiledStep(call=call, compile_s=compile_s, flops=_flops(compiled))
+  return CompiledStep(call=call, compile_s=compile_s, flops=_flops(compiled),
+                      hlo=compiled.as_text)
 
 
 def benchmark(model: Any, variables: dict[str, Any], *, batch: int, resolution: int,
