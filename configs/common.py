@@ -15,6 +15,8 @@ take `--config.<key>=None` on the command line.
 
 from __future__ import annotations
 
+import re
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -59,6 +61,33 @@ DATASET_PRESETS: dict[str, dict] = {
         'test_split': 'train[90%:]', 'total_steps': 500, 'lr': 0.003,
         'expected': {}},
 }
+
+
+# Examples in each dataset's full training split (TFDS; Tiny-ImageNet's
+# folder): the one place these counts live. `split_size` turns a split
+# string into its count, e.g. to express epochs as steps.
+TRAIN_EXAMPLES = {
+    'cifar10': 50_000, 'cifar100': 50_000, 'imagenet2012': 1_281_167,
+    'oxford_iiit_pet': 3_680, 'oxford_flowers102': 1_020, 'tf_flowers': 3_670,
+    'tiny_imagenet': 100_000}
+
+
+def split_size(dataset: str, split: str) -> int:
+  """Examples in `split` ('train', 'train[:98%]', 'train[90%:]', 'train[:1000]')
+  of `dataset`'s training split (TRAIN_EXAMPLES), rounded as TFDS does."""
+  m = re.fullmatch(r'train(?:\[(-?\d*)(%?):(-?\d*)(%?)\])?', split.replace(' ', ''))
+  if dataset not in TRAIN_EXAMPLES or not m:
+    raise ValueError(f'split_size knows the training splits of {", ".join(TRAIN_EXAMPLES)} '
+                     f'(e.g. "train[:98%]"), got {dataset!r}, {split!r}')
+  n = TRAIN_EXAMPLES[dataset]
+
+  def bound(value: str, percent: str, default: int) -> int:
+    if not value:
+      return default
+    b = round(int(value) * n / 100) if percent else int(value)
+    return min(max(b + n if b < 0 else b, 0), n)
+  start, start_pct, end, end_pct = m.groups() if m.group(1) is not None else ('', '', '', '')
+  return max(bound(end, end_pct, n) - bound(start, start_pct, 0), 0)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -48,9 +48,7 @@ MODELS = {
     'b32': ('ViT-B_32', common.IMAGENET21K_DIR),
     'r50_b16': ('R50+ViT-B_16', common.IMAGENET21K_DIR),
 }
-# Training-set sizes after the split, to turn 100 epochs into steps.
-NUM_TRAIN = {'tf_flowers': 3303, 'cifar10': 49_000, 'cifar100': 49_000,
-             'tiny_imagenet': 100_000}
+DATASETS = ('tf_flowers', 'cifar10', 'cifar100', 'tiny_imagenet')
 EXPECTED = {   # The report's Table 5, top-1 (%).
     'b16': {'tf_flowers': 94.92, 'cifar10': 93.51, 'cifar100': 74.47, 'tiny_imagenet': 44.52},
     'b16s': {'tf_flowers': 94.73, 'cifar10': 91.63, 'cifar100': 70.64, 'tiny_imagenet': 45.80},
@@ -63,9 +61,9 @@ EPOCHS = 100
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   model, _, dataset = (arg or '').replace(' ', '').partition(',')
-  if model not in MODELS or dataset not in NUM_TRAIN:
+  if model not in MODELS or dataset not in DATASETS:
     raise ValueError(f'configs/finetune_rpt.py needs ":<model>,<dataset>" with a model of '
-                     f'{", ".join(MODELS)} and a dataset of {", ".join(NUM_TRAIN)}; '
+                     f'{", ".join(MODELS)} and a dataset of {", ".join(DATASETS)}; '
                      f'got {arg!r}.')
   c = common.get_config()
   c.model_name, c.pretrained_dir = MODELS[model]
@@ -78,6 +76,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.lr.base = 0.03
   else:
     common.with_dataset(c, dataset)
-  c.total_steps = math.ceil(EPOCHS * NUM_TRAIN[dataset] / c.batch_size)
+  c.total_steps = math.ceil(EPOCHS * common.split_size(dataset, c.train_split) / c.batch_size)
   c.lr.warmup_steps = min(500, c.total_steps // 10)
   return c

@@ -98,17 +98,17 @@ TINY_IMAGENET_DIR = os.environ.get(
     'TINY_IMAGENET_DIR',
     os.path.expanduser('~/data/tiny-imagenet-200'))
 
-# Dataset key -> source, splits, classes, training-set size, resolution, patch.
+# Dataset key -> source, splits, classes, resolution, patch (sizes: common.split_size).
 DATASETS = {
     'tf_flowers': {'dataset': 'tf_flowers', 'train_split': 'train[:90%]',
-                       'test_split': 'train[90%:]', 'num_classes': 5, 'num_train': 3303,
+                       'test_split': 'train[90%:]', 'num_classes': 5,
                        'image_size': 224, 'patch': 16},
     'cifar10': {'dataset': 'cifar10', 'train_split': 'train', 'test_split': 'test',
-                    'num_classes': 10, 'num_train': 50_000, 'image_size': 32, 'patch': 4},
+                    'num_classes': 10, 'image_size': 32, 'patch': 4},
     'cifar100': {'dataset': 'cifar100', 'train_split': 'train', 'test_split': 'test',
-                     'num_classes': 100, 'num_train': 50_000, 'image_size': 32, 'patch': 4},
+                     'num_classes': 100, 'image_size': 32, 'patch': 4},
     'tiny_imagenet': {'dataset': f'folder:{TINY_IMAGENET_DIR}', 'train_split': 'train',
-                          'test_split': 'val', 'num_classes': 200, 'num_train': 100_000,
+                          'test_split': 'val', 'num_classes': 200,
                           'image_size': 64, 'patch': 8},
 }
 
@@ -162,7 +162,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.batch_size = BATCH_SIZE
   c.batch_size_eval = BATCH_SIZE
   c.accum_steps = 1
-  steps_per_epoch = math.ceil(d['num_train'] / BATCH_SIZE)
+  steps_per_epoch = math.ceil(common.split_size(dataset, d['train_split']) / BATCH_SIZE)
   c.total_steps = EPOCHS * steps_per_epoch
   c.lr.base = 1e-3
   c.lr.decay_type = 'cosine'

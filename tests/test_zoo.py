@@ -189,13 +189,14 @@ def test_resnet56_batchnorm_statistics_and_checkpoint_round_trip(tmp_path):
 
 @pytest.mark.parametrize('model', sorted(scratch.MODELS))
 def test_scratch_configs_resolve_and_follow_the_report_recipe(model):
-  for dataset, d in scratch.DATASETS.items():
+  for dataset in scratch.DATASETS:
     c = scratch.get_config(f'{model},{dataset}')
     assert c.model_name in models.MODEL_CONFIGS
     assert c.pretrained_path is None and c.pp.train == 'rpt_augment'
     assert (c.optim.name, c.lr.base, c.batch_size) == ('adamw', 1e-3, 256)
     assert c.lr.decay_type == 'cosine'
-    assert c.total_steps == 50 * math.ceil(d['num_train'] / 256)
+    n = {'tf_flowers': 3303, 'cifar10': 50_000, 'cifar100': 50_000, 'tiny_imagenet': 100_000}
+    assert c.total_steps == 50 * math.ceil(n[dataset] / 256)
     assert c.lr.warmup_steps == c.total_steps // 10
     # The preset's patch tiles the dataset's resolution.
     cfg = models.get_config(c.model_name)
@@ -214,13 +215,31 @@ def test_scratch_config_errors():
   assert scratch.expected_accuracy('deit_ti', 'cifar10') is None
 
 
+def test_split_size_counts_tfds_splits():
+  from configs import common
+  assert common.split_size('cifar10', 'train') == 50_000
+  assert common.split_size('cifar10', 'train[:98%]') == 49_000
+  assert common.split_size('tf_flowers', 'train[:90%]') == 3303
+  assert common.split_size('tf_flowers', 'train[90%:]') == 367
+  assert common.split_size('imagenet2012', 'train[:99%]') == 1_268_355
+  assert common.split_size('cifar100', 'train[:1000]') == 1000
+  assert common.split_size('cifar100', 'train[-10%:]') == 5000
+  for preset in common.DATASET_PRESETS.values():   # Every preset's split is counted.
+    assert common.split_size(preset['dataset'], preset['train_split']) > 0
+  with pytest.raises(ValueError, match='split_size knows'):
+    common.split_size('cifar10', 'test')
+  with pytest.raises(ValueError, match='split_size knows'):
+    common.split_size('mnist', 'train')
+
+
 def test_finetune_rpt_config():
   """The report's Table 5: four checkpoints x four datasets, 100 epochs each."""
   from configs import finetune_rpt as ft
   files = {'b16': 'imagenet21k/ViT-B_16.npz', 'b16s': 'imagenet21k+imagenet2012/ViT-B_16.npz',
            'b32': 'imagenet21k/ViT-B_32.npz', 'r50_b16': 'imagenet21k/R50+ViT-B_16.npz'}
   for model, file in files.items():
-    for dataset, n in ft.NUM_TRAIN.items():
+    for dataset, n in {'tf_flowers': 3303, 'cifar10': 49_000, 'cifar100': 49_000,
+                       'tiny_imagenet': 100_000}.items():
       c = ft.get_config(f'{model},{dataset}')
       assert c.pretrained_path == f'gs://vit_models/{file}'
       assert (c.optim.name, c.batch_size, c.image_size) == ('sgd', 512, 384)
