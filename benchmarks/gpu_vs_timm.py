@@ -127,10 +127,48 @@ def worker_jax_peak(smoke: bool) -> None:
             / 1e12, device=dev.device_kind, jax=jax.__version__))
 
 
+# Other ways to feed the fused kernel, probed beside the module's own path
+# (one matmul to (3, B, T, H, hd), then each of q/k/v padded): pad the
+# layer's input once and project straight to the kernel's (B, T, H, hd)
+# layout, with one matmul per q/k/v ('prepad-split') or one for all three
+# ('prepad-fused'); the output projection runs on the padded tokens, which
+# are sliced off last. Fewer copies, a few % more projection FLOPs.
+LAYOUT_VARIANTS = ('prepad-split', 'prepad-fused')
+
+
+def attention_variant(variables, x, variant: str, multiple: int, implementation: str):
+  """The attention layer of `variables` (a MultiHeadDotProductAttention's)
+  on `x` (B, T, D), computed the `variant` way (LAYOUT_VARIANTS)."""
+  import jax
+  import jax.numpy as jnp
+  p, dt = variables['params'], x.dtype
+  t = x.shape[1]
+  xp = jnp.pad(x, ((0, 0), (0, -(-t // multiple) * multiple - t), (0, 0)))
+  names = ('query', 'key', 'value')
+  if variant == 'prepad-split':
+    q, k, v = (jnp.einsum('btd,dhe->bthe', xp, p[n]['kernel'].astype(dt))
+               + p[n]['bias'].astype(dt) for n in names)
+  elif variant == 'prepad-fused':
+    w = jnp.stack([p[n]['kernel'] for n in names], axis=1).astype(dt)     # (D, 3, H, hd)
+    b = jnp.stack([p[n]['bias'] for n in names], axis=0).astype(dt)       # (3, H, hd)
+    qkv = jnp.einsum('btd,dkhe->btkhe', xp, w) + b
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  else:
+    raise ValueError(f'variant must be one of {LAYOUT_VARIANTS}, got {variant!r}')
+  lengths = jnp.full((x.shape[0],), t, jnp.int32)
+  out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
+                                     key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  y = jnp.einsum('bthe,hed->btd', out, p['out']['kernel'].astype(dt)) + p['out']['bias'].astype(dt)
+  return y[:, :t]
+
+
 def worker_attention_probe(smoke: bool) -> None:
   """Forward+backward of one attention layer (the model's own module, its q/k/v
   and out projections included) at 197 and 577 tokens: the einsum path, and
-  the cuDNN kernel at each token padding (which pads it accepts, how fast)."""
+  the cuDNN kernel at each token padding (which pads it accepts, how fast),
+  then the LAYOUT_VARIANTS at pad 64 (max_diff: their output against the
+  module's)."""
   import jax
   import jax.numpy as jnp
   from vit_jax import benchmark
@@ -139,22 +177,31 @@ def worker_attention_probe(smoke: bool) -> None:
   batch, heads, hd = (2, 2, 8) if smoke else (64, 12, 64)
   for t in (197, 577):
     x = jax.random.normal(jax.random.key(t), (batch, t, heads * hd), jnp.bfloat16)
-    for multiple in ('einsum',) + PAD_CANDIDATES:
+    for multiple in ('einsum',) + PAD_CANDIDATES + LAYOUT_VARIANTS:
       einsum = multiple == 'einsum'
       layer = vit.MultiHeadDotProductAttention(
           num_heads=heads, dtype=jnp.bfloat16, attention='einsum' if einsum else impl)
       params = layer.init(jax.random.key(0), x, deterministic=True)
+      if multiple in LAYOUT_VARIANTS:
+        apply = (lambda params, x, multiple=multiple:
+                 attention_variant(params, x, multiple, 64, impl))
+      else:
+        apply = lambda params, x, layer=layer: layer.apply(params, x, deterministic=True)
 
-      def loss(params, x, layer=layer):
-        return jnp.sum(layer.apply(params, x, deterministic=True).astype(jnp.float32) ** 2)
+      def loss(params, x, apply=apply):
+        return jnp.sum(apply(params, x).astype(jnp.float32) ** 2)
       rec = dict(framework='jax', case=f'attention-probe-T{t}-{multiple}', tokens=t,
                  pad_multiple=multiple, implementation='einsum' if einsum else impl)
       try:
         if not einsum:
-          vit.ATTENTION_PAD_MULTIPLE = multiple   # Read when the jit traces.
+          vit.ATTENTION_PAD_MULTIPLE = 64 if multiple in LAYOUT_VARIANTS else multiple
         f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         times = benchmark.time_calls(lambda: f(params, x), 20, warmup=2)
         rec['ms'] = 1e3 * statistics.median(times)
+        if multiple in LAYOUT_VARIANTS:
+          ref = layer.apply(params, x, deterministic=True).astype(jnp.float32)
+          rec['max_diff'] = float(jnp.max(jnp.abs(apply(params, x).astype(jnp.float32) - ref)))
+          rec['ref_max'] = float(jnp.max(jnp.abs(ref)))
       except Exception as e:  # noqa: BLE001 - a refused shape is a finding
         rec['error'] = f'{type(e).__name__}: {e}'[:300]
       emit(rec)
@@ -430,16 +477,19 @@ def table(records: list[dict]) -> str:
            f'measured bf16 matmul peak: {peak and round(peak)} TFLOP/s']
   probes = [r for r in records if r.get('case', '').startswith('attention-probe')]
   if probes:
-    lines.append('attention layer fwd+bwd (B=64, 12 heads of 64; einsum, or cuDNN by token '
-                 'padding): ' + '; '.join(
-        f'T{r["tokens"]}/{"" if r["pad_multiple"] == "einsum" else "pad"}{r["pad_multiple"]}: '
-        + (f'{r["ms"]:.2f} ms' if 'ms' in r else 'refused') for r in probes))
+    way = lambda r: (f'pad{r["pad_multiple"]}' if isinstance(r['pad_multiple'], int)
+                     else r['pad_multiple'])
+    lines.append('attention layer fwd+bwd (B=64, 12 heads of 64; einsum, cuDNN by token '
+                 'padding, cuDNN fed the LAYOUT_VARIANTS ways at pad 64): ' + '; '.join(
+        f'T{r["tokens"]}/{way(r)}: ' + (f'{r["ms"]:.2f} ms' if 'ms' in r else 'refused')
+        + (f' (max diff {r["max_diff"]:.2g} of {r["ref_max"]:.2g})' if 'max_diff' in r else '')
+        for r in probes))
     for t in sorted({r['tokens'] for r in probes}):
       timed = [r for r in probes if r['tokens'] == t and 'ms' in r]
       if timed:
         best = min(timed, key=lambda r: r['ms'])
         lines.append(f'fastest attention layer at T={t}: {best["implementation"]}'
-                     + ('' if best['pad_multiple'] == 'einsum' else f' pad {best["pad_multiple"]}'))
+                     + ('' if best['pad_multiple'] == 'einsum' else f' {way(best)}'))
   rows: dict[str, dict] = {}
   for r in records:
     if 'img_s' in r:

@@ -177,6 +177,9 @@ def test_gpu_vs_timm_smoke_runs_every_worker(tmp_path):
   for t in (197, 577):
     assert cases[f'attention-probe-T{t}-einsum']['ms'] > 0
     assert cases[f'attention-probe-T{t}-16']['ms'] > 0   # 'xla' stands in for cuDNN
+    for variant in ('prepad-split', 'prepad-fused'):   # Other layouts, same layer.
+      rec = cases[f'attention-probe-T{t}-{variant}']
+      assert rec['ms'] > 0 and rec['max_diff'] <= 1e-2 * rec['ref_max']
   jax_rows = [r for r in records if r['framework'] == 'jax' and 'img_s' in r]
   assert {r['case'] for r in jax_rows} == {'Ti16-32-train-f32', 'Ti16-32-infer-f32',
                                            'Ti16-32-train-f32 +triton_gemm_any=true'}
