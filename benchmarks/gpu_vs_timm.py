@@ -127,30 +127,25 @@ def worker_jax_peak(smoke: bool) -> None:
             / 1e12, device=dev.device_kind, jax=jax.__version__))
 
 
-# Other ways to feed the fused kernel, probed beside the module's own path
-# (one matmul to (3, B, T, H, hd), then each of q/k/v padded): pad the
-# layer's input once and project straight to the kernel's (B, T, H, hd)
-# layout, with one matmul per q/k/v ('prepad-split') or one for all three
-# ('prepad-fused'); the output projection runs on the padded tokens, which
-# are sliced off last. Fewer copies, a few % more projection FLOPs.
+# Other ways to feed the fused kernel than `vit.fused_attention` (one matmul
+# to (3, B, T, H, hd), then each of q/k/v padded): pad the layer's input
+# once and project straight to the kernel's (B, T, H, hd) layout, with one
+# matmul per q/k/v ('prepad-split') or one for all three ('prepad-fused');
+# the out projection runs on the padded tokens, sliced off last. Fewer
+# copies, a few % more projection FLOPs. `use_layout` swaps one in.
 LAYOUT_VARIANTS = ('prepad-split', 'prepad-fused')
 
 
-def attention_variant(variables, x, variant: str, multiple: int, implementation: str):
-  """The attention layer of `variables` (a MultiHeadDotProductAttention's)
-  on `x` (B, T, D), computed the `variant` way (LAYOUT_VARIANTS)."""
+def attention_variant(x, w, b, out_w, out_b, *, implementation: str, variant: str,
+                      multiple: int):
+  """`vit.fused_attention` computed the `variant` way (LAYOUT_VARIANTS)."""
   import jax
   import jax.numpy as jnp
-  p, dt = variables['params'], x.dtype
   t = x.shape[1]
   xp = jnp.pad(x, ((0, 0), (0, -(-t // multiple) * multiple - t), (0, 0)))
-  names = ('query', 'key', 'value')
   if variant == 'prepad-split':
-    q, k, v = (jnp.einsum('btd,dhe->bthe', xp, p[n]['kernel'].astype(dt))
-               + p[n]['bias'].astype(dt) for n in names)
+    q, k, v = (jnp.einsum('btd,dhe->bthe', xp, w[:, i]) + b[i] for i in range(3))
   elif variant == 'prepad-fused':
-    w = jnp.stack([p[n]['kernel'] for n in names], axis=1).astype(dt)     # (D, 3, H, hd)
-    b = jnp.stack([p[n]['bias'] for n in names], axis=0).astype(dt)       # (3, H, hd)
     qkv = jnp.einsum('btd,dkhe->btkhe', xp, w) + b
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
   else:
@@ -159,8 +154,20 @@ def attention_variant(variables, x, variant: str, multiple: int, implementation:
   out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
                                      key_value_seq_lengths=lengths,
                                      implementation=implementation)
-  y = jnp.einsum('bthe,hed->btd', out, p['out']['kernel'].astype(dt)) + p['out']['bias'].astype(dt)
-  return y[:, :t]
+  return (jnp.einsum('bthe,hed->btd', out, out_w) + out_b)[:, :t]
+
+
+def use_layout(layout: str | None, multiple: int) -> None:
+  """Makes every later trace of the model feed the kernel the `layout` way
+  (None: the model's own `vit.fused_attention`)."""
+  import functools
+  from vit_jax.models import vit
+  vit.fused_attention = (_MODEL_FUSED_ATTENTION.setdefault('fn', vit.fused_attention)
+                         if layout is None else
+                         functools.partial(attention_variant, variant=layout, multiple=multiple))
+
+
+_MODEL_FUSED_ATTENTION: dict = {}
 
 
 def worker_attention_probe(smoke: bool) -> None:
@@ -179,31 +186,31 @@ def worker_attention_probe(smoke: bool) -> None:
     x = jax.random.normal(jax.random.key(t), (batch, t, heads * hd), jnp.bfloat16)
     for multiple in ('einsum',) + PAD_CANDIDATES + LAYOUT_VARIANTS:
       einsum = multiple == 'einsum'
+      layout = multiple if multiple in LAYOUT_VARIANTS else None
       layer = vit.MultiHeadDotProductAttention(
           num_heads=heads, dtype=jnp.bfloat16, attention='einsum' if einsum else impl)
       params = layer.init(jax.random.key(0), x, deterministic=True)
-      if multiple in LAYOUT_VARIANTS:
-        apply = (lambda params, x, multiple=multiple:
-                 attention_variant(params, x, multiple, 64, impl))
-      else:
-        apply = lambda params, x, layer=layer: layer.apply(params, x, deterministic=True)
 
-      def loss(params, x, apply=apply):
-        return jnp.sum(apply(params, x).astype(jnp.float32) ** 2)
+      def loss(params, x, layer=layer):
+        return jnp.sum(layer.apply(params, x, deterministic=True).astype(jnp.float32) ** 2)
       rec = dict(framework='jax', case=f'attention-probe-T{t}-{multiple}', tokens=t,
                  pad_multiple=multiple, implementation='einsum' if einsum else impl)
       try:
         if not einsum:
-          vit.ATTENTION_PAD_MULTIPLE = 64 if multiple in LAYOUT_VARIANTS else multiple
+          vit.ATTENTION_PAD_MULTIPLE = 64 if layout else multiple
+        use_layout(layout, 64)
         f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         times = benchmark.time_calls(lambda: f(params, x), 20, warmup=2)
         rec['ms'] = 1e3 * statistics.median(times)
-        if multiple in LAYOUT_VARIANTS:
+        if layout:
+          out = layer.apply(params, x, deterministic=True).astype(jnp.float32)
+          use_layout(None, 64)
           ref = layer.apply(params, x, deterministic=True).astype(jnp.float32)
-          rec['max_diff'] = float(jnp.max(jnp.abs(apply(params, x).astype(jnp.float32) - ref)))
+          rec['max_diff'] = float(jnp.max(jnp.abs(out - ref)))
           rec['ref_max'] = float(jnp.max(jnp.abs(ref)))
       except Exception as e:  # noqa: BLE001 - a refused shape is a finding
         rec['error'] = f'{type(e).__name__}: {e}'[:300]
+      use_layout(None, 64)
       emit(rec)
 
 
@@ -222,8 +229,10 @@ def worker_jax(cases: list, repeats: int, pad_multiple: int, xla_flags: str = ''
                model=model_name, res=res, batch=batch, train=train, dtype=dtype,
                variant=variant, pad_multiple=pad_multiple, xla_flags=xla_flags)
     try:
-      model, variables = benchmark.build(model_name, num_classes=1000, resolution=res,
-                                         dtype=dtype, **variant)
+      use_layout(variant.get('layout'), pad_multiple)   # 'layout': see LAYOUT_VARIANTS
+      model, variables = benchmark.build(
+          model_name, num_classes=1000, resolution=res, dtype=dtype,
+          **{k: v for k, v in variant.items() if k != 'layout'})
       r = benchmark.benchmark(model, variables, batch=batch, resolution=res, train=train,
                               repeats=repeats, name=name)
       rec.update(img_s=r.images_per_sec, compile_s=r.compile_s,
@@ -570,6 +579,13 @@ def main(args: cli.Args) -> None:
       worker(worker_torch, 0.5, torch_cases[3:], args.repeats, args.smoke)
     # Where the train steps' time goes (the open speed targets need it first).
     worker(worker_profile, 0.5, [c for c in jax_cases if c[4]][:2], pad, args.out)
+    # The whole train steps with the probe's best other layout, if it beat the
+    # model's own (the smoke run always tries one: its path must work).
+    layout = 'prepad-split' if args.smoke else _best_layout(records)
+    if layout:   # (On CPU the fused path runs only when asked for, as 'xla'.)
+      extra = {'layout': layout, **({'attention': 'xla'} if args.smoke else {})}
+      worker(worker_jax, 0.5, [(f'{c[0]}-{layout}',) + c[1:6] + ({**c[6], **extra},)
+                               for c in jax_cases if c[4]][:2], args.repeats, pad)
     if left() > 30:
       records.extend(run_loop(jax_cases[0], pad, 0.4 * left(), log, args.smoke))
     if args.smoke:   # The XLA-flags path, once.
@@ -588,6 +604,19 @@ def main(args: cli.Args) -> None:
   with open(os.path.join(args.out, 'table.txt'), 'w') as f:
     f.write(text + '\n')
   print(f'\n{text}\n(total {time.time() - start:.0f} s)', flush=True)
+
+
+def _best_layout(records: list[dict]) -> str | None:
+  """The LAYOUT_VARIANT whose probe (sum over both token counts) beat the
+  model's own path at the same pad (64), or None."""
+  def total(way):
+    times = [r.get('ms') for r in records
+             if r.get('case', '').startswith('attention-probe') and r['pad_multiple'] == way]
+    return sum(times) if len(times) == 2 and None not in times else None
+  own = total(64)
+  timed = {v: total(v) for v in LAYOUT_VARIANTS if total(v) is not None}
+  best = min(timed, key=timed.get) if timed else None
+  return best if best and own and timed[best] < own else None
 
 
 def _best_pad(records: list[dict]) -> int | None:

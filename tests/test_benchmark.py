@@ -182,7 +182,8 @@ def test_gpu_vs_timm_smoke_runs_every_worker(tmp_path):
       assert rec['ms'] > 0 and rec['max_diff'] <= 1e-2 * rec['ref_max']
   jax_rows = [r for r in records if r['framework'] == 'jax' and 'img_s' in r]
   assert {r['case'] for r in jax_rows} == {'Ti16-32-train-f32', 'Ti16-32-infer-f32',
-                                           'Ti16-32-train-f32 +triton_gemm_any=true'}
+                                           'Ti16-32-train-f32 +triton_gemm_any=true',
+                                           'Ti16-32-train-f32-prepad-split'}
   loop = next(r for r in records if r['framework'] == 'loop')
   assert loop['img_s'] > 0
   prof = [r for r in records if r['framework'] == 'profile']

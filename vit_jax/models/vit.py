@@ -242,6 +242,21 @@ def padded_attention(q: Array, k: Array, v: Array, *, implementation: str,
   return out[:, :t]
 
 
+def fused_attention(x: Array, w: Array, b: Array, out_w: Array, out_b: Array, *,
+                    implementation: str) -> Array:
+  """The attention layer through `padded_attention`: x (B, T, D), q/k/v
+  kernels stacked as w (D, 3, heads, head_dim) and b (3, heads, head_dim),
+  the out projection out_w (heads, head_dim, D), out_b (D,) -> (B, T, D).
+
+  One matmul for q, k and v, written token-major (3, B, T, heads, head_dim):
+  the layout jax.nn.dot_product_attention takes. (benchmarks/gpu_vs_timm.py
+  times other ways to feed the kernel against this one.)
+  """
+  qkv = jnp.einsum('btd,dkhe->kbthe', x, w) + b[:, None, None]
+  out = padded_attention(qkv[0], qkv[1], qkv[2], implementation=implementation)
+  return jnp.einsum('bthe,hed->btd', out, out_w) + out_b
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Multi-head self-attention, parameter-compatible with the original.
 
@@ -287,10 +302,8 @@ class MultiHeadDotProductAttention(nn.Module):
     dropout = not deterministic and self.dropout_rate > 0
     if (impl != 'einsum' and not self.locality and not self.relative and not dropout
         and not self.is_mutable_collection('intermediates')):
-      # Token-major (k, b, t, h, e): the layout of jax.nn.dot_product_attention.
-      qkv = jnp.einsum('btd,dkhe->kbthe', x.astype(self.dtype), w) + b[:, None, None]
-      out = padded_attention(qkv[0], qkv[1], qkv[2], implementation=impl)
-      return jnp.einsum('bthe,hed->btd', out, o_w.astype(self.dtype)) + o_b.astype(self.dtype)
+      return fused_attention(x.astype(self.dtype), w, b, o_w.astype(self.dtype),
+                             o_b.astype(self.dtype), implementation=impl)
 
     # One fused matmul for q, k and v, written heads-major (k, b, h, t, e) so
     # the two attention matmuls below have leading batch dims (b, h) and need
