@@ -4,6 +4,7 @@ eval scored."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -55,19 +56,23 @@ def saved_model(tmp_path_factory):
   return tmp, model, params, path
 
 
-def test_predict_matches_direct_apply(saved_model, capsys):
-  tmp, model, params, path = saved_model
-  # The model config: preset-free, so go through a workdir-like config.json.
+def _workdir(tmp, path, wd):
+  """A workdir-like folder for the fixture's model (its config is preset-free)."""
   cfg = {'model': {'model_name': 'tiny', 'patches': {'size': [4, 4]}, 'hidden_size': 16,
                         'classifier': 'token', 'representation_size': None, 'resnet': None,
                         'transformer': {'mlp_dim': 32, 'num_heads': 2, 'num_layers': 1,
                                          'dropout_rate': 0.0, 'attention_dropout_rate': 0.0}},
              'model_name': None, 'image_size': 32, 'pp': {'eval': 'resize', 'crop_fraction': 0.875}}
-  wd = tmp / 'workdir'
   os.makedirs(wd, exist_ok=True)
   (wd / 'config.json').write_text(json.dumps(cfg))
   os.link(path, wd / 'tiny.npz')
   os.link(tmp / 'labels.txt', wd / 'labels.txt')
+  return wd
+
+
+def test_predict_matches_direct_apply(saved_model, capsys):
+  tmp, model, params, path = saved_model
+  wd = _workdir(tmp, path, tmp / 'workdir')
   assert predict.main([f'--workdir={wd}', '--json', '--top_k=3', str(tmp / 'imgs')]) == 0
   out = json.loads(capsys.readouterr().out)
   files = [str(tmp / 'imgs' / '0.png'), str(tmp / 'imgs' / '1.png'), str(tmp / 'imgs' / 'sub' / '2.png')]
@@ -150,6 +155,43 @@ def test_predict_clear_errors(saved_model, tmp_path, capsys):
     bundle.load_images([str(tmp_path / 'nope.jpg')])
   assert predict.main([f'--workdir={cfg}', str(tmp_path / 'empty')]) == 1
   assert capsys.readouterr().err.startswith('ERROR (ImageError): No image files')
+
+
+def test_unreadable_files_do_not_stop_the_others(saved_model, tmp_path, capsys):
+  """A folder with broken files among good ones: every readable image gets the
+  same prediction as alone, the broken ones are named in one error, exit 1."""
+  tmp, _, _, path = saved_model
+  folder = tmp_path / 'mixed'
+  shutil.copytree(tmp / 'imgs', folder)
+  (folder / '00_empty.png').write_bytes(b'')
+  (folder / '1a_broken.jpg').write_bytes(b'not an image')
+  wd = _workdir(tmp, path, tmp_path / 'wd')
+  args = [f'--workdir={wd}', '--json', '--top_k=3', '--batch_size=2']
+  assert predict.main(args + [str(tmp / 'imgs')]) == 0
+  clean = json.loads(capsys.readouterr().out)
+  assert predict.main(args + [str(folder)]) == 1
+  captured = capsys.readouterr()
+  out = json.loads(captured.out)
+  good = [o for o in out if 'top_k' in o]
+  assert [os.path.relpath(o['image'], folder) for o in good] == ['0.png', '1.png', 'sub/2.png']
+  for a, b in zip(good, clean):   # Batches regrouped around the broken files: same numbers.
+    np.testing.assert_allclose([r['prob'] for r in a['top_k']], [r['prob'] for r in b['top_k']],
+                               atol=1e-6)
+  assert [(os.path.basename(o['image']), o['error'].split(':')[0]) for o in out if 'error' in o] == [
+      ('00_empty.png', f"Cannot decode image file '{folder}/00_empty.png'"),
+      ('1a_broken.jpg', f"Cannot decode image file '{folder}/1a_broken.jpg'")]
+  assert captured.err.startswith('ERROR (ImageError): 2 of 5 image files could not be used '
+                                 '(the others are printed above): ')
+  assert '00_empty.png' in captured.err and 'empty file (0 bytes)' in captured.err
+  # Only broken files: nothing printed but the error.
+  assert predict.main(args[:1] + [str(folder / '1a_broken.jpg')]) == 1
+  captured = capsys.readouterr()
+  assert captured.out == '' and captured.err.startswith(
+      'ERROR (ImageError): 1 of 1 image files could not be used: Cannot decode')
+  # From Python, strict by default.
+  bundle = hub.load(str(wd))
+  with pytest.raises(images.ImageError, match='00_empty.png'):
+    list(bundle.iter_images([str(folder)]))
 
 
 def test_cli_text_output_with_preset(tmp_path, capsys):

@@ -103,11 +103,12 @@ class Model:
     at reduced DCT scale exactly as folder-dataset evaluation decodes them.
     Raises images.ImageError naming a file that cannot be read.
     """
-    return self._load_files(images.collect_images(paths))
+    return images.load_images(images.collect_images(paths), self.pp_eval, self.image_size,
+                              self.crop_fraction, min_side=self._min_side)
 
-  def _load_files(self, files: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
-    return images.load_images(files, self.pp_eval, self.image_size, self.crop_fraction,
-                              min_side=images.DCT_MIN_SIDE * min(self.image_size))
+  @property
+  def _min_side(self) -> int:
+    return images.DCT_MIN_SIDE * min(self.image_size)
 
   def probs(self, batch: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Softmax probabilities (N, num_classes), float32, `batch_size` images at a time."""
@@ -122,27 +123,44 @@ class Model:
     return [[{'label': int(c), 'name': self.labels[c] if self.labels else str(int(c)),
               'prob': float(p[c])} for c in row] for p, row in zip(probs, order)]
 
-  def iter_images(self, paths: Sequence[str], batch_size: int = 32
+  def iter_images(self, paths: Sequence[str], batch_size: int = 32,
+                  skipped: list[tuple[str, str]] | None = None
                   ) -> Iterator[tuple[list[str], np.ndarray, list[np.ndarray]]]:
     """(image files, preprocessed batch, raw images), `batch_size` files at a
     time, over files and/or folders (recursive, sorted): one batch in memory.
 
     After the first batch, a short last batch is padded with zero images to
     `batch_size` (the shape compiled already); its first len(files) rows are
-    the images.
+    the images. A file that cannot be read raises images.ImageError, or with
+    a `skipped` list is left out and appended to it as (file, reason).
     """
-    files = images.collect_images(paths)
-    for i in range(0, len(files), batch_size):
-      chunk = files[i:i + batch_size]
-      batch, raw = self._load_files(chunk)   # Files already: no second listing.
-      if i:
-        batch = np.pad(batch, [(0, batch_size - len(chunk))] + [(0, 0)] * (batch.ndim - 1))
-      yield chunk, batch, raw
+    files, raw, first = [], [], True
+    for path in images.collect_images(paths):
+      try:
+        raw.append(images.read_image(path, self._min_side))
+        files.append(path)
+      except images.ImageError as e:
+        if skipped is None:
+          raise
+        skipped.append((path, str(e)))
+      if len(files) == batch_size:
+        yield files, self._preprocess(raw, batch_size if not first else 0), raw
+        files, raw, first = [], [], False
+    if files:
+      yield files, self._preprocess(raw, batch_size if not first else 0), raw
 
-  def iter_probs(self, paths: Sequence[str],
-                 batch_size: int = 32) -> Iterator[tuple[list[str], np.ndarray]]:
+  def _preprocess(self, raw: list[np.ndarray], pad_to: int = 0) -> np.ndarray:
+    """Raw uint8 images -> this model's eval batch, zero-padded to `pad_to` rows."""
+    batch = images.eval_batch(raw, self.pp_eval, self.image_size, self.crop_fraction)
+    if pad_to > len(batch):
+      batch = np.pad(batch, [(0, pad_to - len(batch))] + [(0, 0)] * (batch.ndim - 1))
+    return batch
+
+  def iter_probs(self, paths: Sequence[str], batch_size: int = 32,
+                 skipped: list[tuple[str, str]] | None = None
+                 ) -> Iterator[tuple[list[str], np.ndarray]]:
     """(image files, their probabilities), `batch_size` files at a time (iter_images)."""
-    for files, batch, _ in self.iter_images(paths, batch_size):
+    for files, batch, _ in self.iter_images(paths, batch_size, skipped):
       yield files, self.probs(batch, batch_size)[:len(files)]
 
   def predict(self, paths: Sequence[str], k: int = 5,

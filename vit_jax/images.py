@@ -336,8 +336,14 @@ def load_images(paths: Sequence[str], pp_eval: str, size: int | Sequence[int],
   folder dataset does (`read_image`); None decodes every file at full size.
   """
   raw = [read_image(p, min_side) for p in paths]
-  batch = [eval_preprocess(image, pp_eval, size, crop_fraction) for image in raw]
+  return eval_batch(raw, pp_eval, size, crop_fraction), raw
+
+
+def eval_batch(raw: Sequence[np.ndarray], pp_eval: str, size: int | Sequence[int],
+               crop_fraction: float = CROP_FRACTION) -> np.ndarray:
+  """Raw uint8 images -> float32 (N, h, w, 3) in [-1, 1] (eval_preprocess each)."""
   h, w = hw(size)
-  if not batch:
-    return np.zeros((0, h, w, 3), np.float32), raw
-  return np.stack(batch).astype(np.float32), raw
+  if not raw:
+    return np.zeros((0, h, w, 3), np.float32)
+  return np.stack([eval_preprocess(image, pp_eval, size, crop_fraction)
+                   for image in raw]).astype(np.float32)

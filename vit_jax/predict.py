@@ -15,6 +15,10 @@ The architecture details that a checkpoint pins down (number of classes,
 ``pre_logits`` size, resolution from the position embeddings) are read from
 the checkpoint itself, so ``--model`` only names the preset.
 
+A file that cannot be read or decoded does not stop the others: every
+readable image is printed, then one error names the unusable files (with
+``--json`` they are entries with an ``error``) and the exit status is 1.
+
 Models load through :func:`vit_jax.hub.load`; the image loading, probabilities
 and top-k are the loaded `hub.Model`'s (``model.predict(paths)`` in Python).
 """
@@ -27,7 +31,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from vit_jax import cli, hub
+from vit_jax import cli, hub, images
 
 
 class PredictError(ValueError):
@@ -66,20 +70,27 @@ def main(args: cli.Args) -> None:
   bundle = hub.load(args.workdir or args.checkpoint or _missing(), model=args.model,
                     checkpoint=args.checkpoint if args.workdir else None,
                     labels=args.labels, image_size=args.image_size, dtype=args.dtype)
-  paths, results = [], []
-  for files, probs in bundle.iter_probs(args.images, args.batch_size):   # a batch in memory
+  paths, results, skipped = [], [], []
+  # A batch in memory; files that cannot be read are left out (and named below).
+  for files, probs in bundle.iter_probs(args.images, args.batch_size, skipped):
     if not np.all(np.isfinite(probs)):
       raise PredictError(f'the model gave non-finite outputs for {bundle.source}; '
                          'no predictions printed.')
     paths += files
     results += bundle.top_k(probs, args.top_k)
   if args.json:
-    print(json.dumps([{'image': p, 'top_k': r} for p, r in zip(paths, results)], indent=1))
+    print(json.dumps([{'image': p, 'top_k': r} for p, r in zip(paths, results)]
+                     + [{'image': p, 'error': why} for p, why in skipped], indent=1))
   else:
     for path, rows in zip(paths, results):
       print(path)
       for r in rows:
         print(f'  {r["prob"]:8.4f}  {r["name"]}' + (f'  ({r["label"]})' if bundle.labels else ''))
+  if skipped:
+    raise images.ImageError(
+        f'{len(skipped)} of {len(skipped) + len(paths)} image files could not be used'
+        + (' (the others are printed above)' if paths else '') + ': '
+        + '; '.join(why for _, why in skipped[:5]) + ('; ...' if len(skipped) > 5 else ''))
 
 
 if __name__ == '__main__':
