@@ -48,9 +48,9 @@ def import_timm() -> tuple[Any, str]:
     return None, 'PyTorch is not installed (pip install torch==2.13.0): timm comparison skipped.'
   try:
     import timm  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None, ('timm is not installed (pip install -c <(echo torch==2.13.0) timm): '
-                  'timm comparison skipped.')
+  except ImportError as e:   # timm itself, or a module it imports (torchvision)
+    return None, (f'timm cannot be imported ({e}; pip install -c <(echo torch==2.13.0) '
+                  'timm torchvision): timm comparison skipped.')
   except RuntimeError as e:
     # A CUDA torchvision wheel next to a CPU torch fails to register its compiled
     # ops ("operator torchvision::nms does not exist"). timm's ViT never calls
