@@ -12,8 +12,8 @@ g.worker_jax(...)"``), in this order, skipping what no longer fits `--budget_s`:
 2. a probe of one attention layer at 197 and 577 tokens: the einsum path,
    and the cuDNN flash-attention kernel at each token padding
    (`vit.ATTENTION_PAD_MULTIPLE`): which pads the kernel accepts and how fast
-   forward+backward runs; the fastest accepted pad is used for every later
-   JAX case;
+   forward+backward runs (the fastest accepted pad is used for every later
+   JAX case), and other ways to feed the kernel (`LAYOUT_VARIANTS`);
 3. vit_jax's real train step (`benchmark.compile_step(train=True)`, i.e.
    `train_step.make_train_step` under the paper's fine-tuning recipe: SGD
    momentum, clipping, schedule) and inference, ViT-B/16, bf16 (and f32);
@@ -22,10 +22,15 @@ g.worker_jax(...)"``), in this order, skipping what no longer fits `--budget_s`:
    step (no clipping: timm users' plain loop);
 5. a profile of the 224 and 384 train steps (`worker_profile`): device
    time per step by op class (matmul, attention, copies, fusions) and the
-   top ops, with the optimised HLO written next to the results;
-6. the training loop itself (`python -m vit_jax.main`, `dataset=synthetic`)
+   top ops, with the optimised HLO written next to the results; then, if
+   a layout variant beat the model's own in the probe, both train steps
+   with it;
+6. the block probes: ViT-B's attention layer, MLP and whole encoder block,
+   fwd+bwd at 197 and 577 tokens, vit_jax's modules against timm's (eager;
+   the block also compiled): which part the gap to timm is in;
+7. the training loop itself (`python -m vit_jax.main`, `dataset=synthetic`)
    at the step's shape: its logged images/sec over the benchmark step's;
-7. the rest: the einsum attention at 384, f32, ViT-L/16 and ViT-H/14 at
+8. the rest: the einsum attention at 384, f32, ViT-L/16 and ViT-H/14 at
    384 with per-block remat (peak memory of a 32- and a 16-image micro-batch
    step: what batch 512 through accumulation needs), then the ablations
    two runs settled (einsum attention at 224, `XLA_FLAG_VARIANTS`).
@@ -88,7 +93,7 @@ XLA_FLAG_VARIANTS = ['--xla_gpu_triton_gemm_any=true', '--xla_gpu_enable_cudnn_l
 SMOKE_JAX = [('Ti16-32-train-f32', 'ViT-Ti_16', 32, 4, True, 'float32', {}),
              ('Ti16-32-infer-f32', 'ViT-Ti_16', 32, 8, False, 'float32', {})]
 SMOKE_TORCH = [('Ti16-32-train-f32', 32, 4, True, 'float32', False)]
-PAD_CANDIDATES = (1, 16, 64, 128)
+PAD_CANDIDATES = (1, 64, 128)   # 16 was never faster (two H100 runs)
 SHAPES = {  # model -> (patch, width, mlp, layers, heads)
     'ViT-Ti_16': (16, 192, 768, 12, 3), 'ViT-B_16': (16, 768, 3072, 12, 12),
     'ViT-L_16': (16, 1024, 4096, 24, 16), 'ViT-H_14': (14, 1280, 5120, 32, 16)}
@@ -343,6 +348,97 @@ def op_profile(trace_path: str, hlo: str, steps: int, top: int = 25) -> list[dic
   return out + sorted(rows, key=lambda r: -r['ms_per_step'])[:top]
 
 
+BLOCK_PARTS = ('attention', 'mlp', 'block')   # What the block probes time.
+
+
+def _block_dims(smoke: bool) -> tuple[int, int, int, int]:
+  """(batch, width, mlp, heads) of the block probes: ViT-B/16's at B=64."""
+  return (2, 16, 64, 2) if smoke else (64, 768, 3072, 12)
+
+
+def worker_block_probe_jax(smoke: bool, pad_multiple: int) -> None:
+  """Forward+backward of ViT-B's attention layer, MLP and whole encoder block
+  (the model's modules, bf16, as the train step runs them) at 197 and 577
+  tokens; `worker_block_probe_torch` times timm's at the same shapes."""
+  import jax
+  import jax.numpy as jnp
+  from vit_jax import benchmark
+  from vit_jax.models import vit
+  vit.ATTENTION_PAD_MULTIPLE = pad_multiple
+  impl = 'xla' if smoke else 'auto'
+  batch, d, mlp, heads = _block_dims(smoke)
+  modules = {
+      'attention': (vit.MultiHeadDotProductAttention(num_heads=heads, dtype=jnp.bfloat16,
+                                                     attention=impl),
+                    lambda m, v, x: m.apply(v, x, deterministic=True)),
+      'mlp': (vit.MlpBlock(mlp, 0., jnp.bfloat16),
+              lambda m, v, x: m.apply(v, x, deterministic=True)),
+      'block': (vit.Encoder1DBlock(mlp, heads, 0., 0., dtype=jnp.bfloat16, attention=impl),
+                lambda m, v, x: m.apply(v, x, True))}
+  for t in (197, 577):
+    x = jax.random.normal(jax.random.key(t), (batch, t, d), jnp.bfloat16)
+    for part in BLOCK_PARTS:
+      module, apply = modules[part]
+      rec = dict(framework='jax', case=f'block-probe-T{t}-{part}', tokens=t, part=part)
+      try:
+        init = (module.init(jax.random.key(0), x, True) if part == 'block'
+                else module.init(jax.random.key(0), x, deterministic=True))
+
+        def loss(v, x, module=module, apply=apply):
+          return jnp.sum(apply(module, v, x).astype(jnp.float32) ** 2)
+        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+        rec['ms'] = 1e3 * statistics.median(benchmark.time_calls(lambda: f(init, x), 20, warmup=2))
+      except Exception as e:  # noqa: BLE001 - report and go on
+        rec['error'] = f'{type(e).__name__}: {e}'[:300]
+      emit(rec)
+
+
+def worker_block_probe_torch(smoke: bool, compile_: bool, parts: tuple = BLOCK_PARTS) -> None:
+  """timm's Attention, Mlp and Block (`parts` of them) at
+  `worker_block_probe_jax`'s shapes: AMP bf16 (its fused SDPA attention),
+  forward+backward, eager or compiled."""
+  try:
+    import torch
+    from timm.layers import Mlp
+    from timm.models.vision_transformer import Attention, Block
+  except ImportError as e:
+    emit(dict(framework='torch', case='block-probe import', error=str(e)))
+    return
+  dev = 'cuda' if torch.cuda.is_available() and not smoke else 'cpu'
+  sync = torch.cuda.synchronize if dev == 'cuda' else (lambda: None)
+  batch, d, mlp, heads = _block_dims(smoke)
+  make = {'attention': lambda: Attention(d, num_heads=heads, qkv_bias=True),
+          'mlp': lambda: Mlp(d, hidden_features=mlp),
+          'block': lambda: Block(d, heads, mlp_ratio=mlp / d, qkv_bias=True)}
+  framework = 'torch-compile' if compile_ else 'torch'
+  for t in (197, 577):
+    for part in parts:
+      rec = dict(framework=framework, case=f'block-probe-T{t}-{part}', tokens=t, part=part)
+      try:
+        module = make[part]().to(dev).train()
+        x = torch.randn(batch, t, d, device=dev, requires_grad=True)
+
+        def step(module=module, x=x):
+          with torch.autocast(dev, dtype=torch.bfloat16):
+            loss = (module(x).float() ** 2).sum()
+          loss.backward()
+          return loss
+        fn = torch.compile(step) if compile_ else step
+        for _ in range(3):
+          fn()
+        sync()
+        times = []
+        for _ in range(20):
+          start = time.perf_counter()
+          fn()
+          sync()
+          times.append(time.perf_counter() - start)
+        rec['ms'] = 1e3 * statistics.median(times)
+      except Exception as e:  # noqa: BLE001 - report and go on
+        rec['error'] = f'{type(e).__name__}: {e}'[:300]
+      emit(rec)
+
+
 def worker_torch(cases: list, repeats: int, smoke: bool) -> None:
   try:
     import timm
@@ -499,6 +595,15 @@ def table(records: list[dict]) -> str:
         best = min(timed, key=lambda r: r['ms'])
         lines.append(f'fastest attention layer at T={t}: {best["implementation"]}'
                      + ('' if best['pad_multiple'] == 'einsum' else f' {way(best)}'))
+  blocks = [r for r in records if r.get('case', '').startswith('block-probe-T') and 'ms' in r]
+  if blocks:
+    lines.append('ViT-B block parts, fwd+bwd ms at B=64 (vit_jax | timm eager | timm compiled):')
+    for t in sorted({r['tokens'] for r in blocks}):
+      cell = lambda fw, part: next((f'{r["ms"]:.2f}' for r in blocks if r['framework'] == fw
+                                    and r['tokens'] == t and r['part'] == part), '-')
+      lines.append(f'  T={t}: ' + '; '.join(
+          f'{part} {cell("jax", part)} | {cell("torch", part)} | {cell("torch-compile", part)}'
+          for part in BLOCK_PARTS))
   rows: dict[str, dict] = {}
   for r in records:
     if 'img_s' in r:
@@ -586,6 +691,10 @@ def main(args: cli.Args) -> None:
       extra = {'layout': layout, **({'attention': 'xla'} if args.smoke else {})}
       worker(worker_jax, 0.5, [(f'{c[0]}-{layout}',) + c[1:6] + ({**c[6], **extra},)
                                for c in jax_cases if c[4]][:2], args.repeats, pad)
+    # The block's parts against timm's at the same shapes: where the gap is.
+    worker(worker_block_probe_jax, 0.3, args.smoke, pad)
+    worker(worker_block_probe_torch, 0.3, args.smoke, False)
+    worker(worker_block_probe_torch, 0.4, args.smoke, True, ('block',))
     if left() > 30:
       records.extend(run_loop(jax_cases[0], pad, 0.4 * left(), log, args.smoke))
     if args.smoke:   # The XLA-flags path, once.

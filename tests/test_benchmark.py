@@ -176,7 +176,7 @@ def test_gpu_vs_timm_smoke_runs_every_worker(tmp_path):
   cases = {r['case']: r for r in records}
   for t in (197, 577):
     assert cases[f'attention-probe-T{t}-einsum']['ms'] > 0
-    assert cases[f'attention-probe-T{t}-16']['ms'] > 0   # 'xla' stands in for cuDNN
+    assert cases[f'attention-probe-T{t}-64']['ms'] > 0   # 'xla' stands in for cuDNN
     for variant in ('prepad-split', 'prepad-fused'):   # Other layouts, same layer.
       rec = cases[f'attention-probe-T{t}-{variant}']
       assert rec['ms'] > 0 and rec['max_diff'] <= 1e-2 * rec['ref_max']
@@ -186,6 +186,9 @@ def test_gpu_vs_timm_smoke_runs_every_worker(tmp_path):
                                            'Ti16-32-train-f32-prepad-split'}
   loop = next(r for r in records if r['framework'] == 'loop')
   assert loop['img_s'] > 0
+  blocks = [r for r in records if r['framework'] == 'jax' and r['case'].startswith('block-probe')]
+  assert sorted((r['tokens'], r['part']) for r in blocks if r['ms'] > 0) == sorted(
+      (t, p) for t in (197, 577) for p in ('attention', 'mlp', 'block'))
   prof = [r for r in records if r['framework'] == 'profile']
   total = next(r for r in prof if r['op'] == 'TOTAL device time')
   classes = [r for r in prof if r['op'].startswith('class ')]
