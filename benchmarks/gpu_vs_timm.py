@@ -2,6 +2,7 @@ r"""vit_jax against timm on whatever accelerator is here: one script, one table.
 
   PYTHONPATH=. python benchmarks/gpu_vs_timm.py [--out DIR] [--budget_s 540]
   PYTHONPATH=. python benchmarks/gpu_vs_timm.py --smoke     # CPU, tiny shapes
+  PYTHONPATH=. python benchmarks/gpu_vs_timm.py --stages=loop,rest   # some stages only
 
 What it times, each case in its own subprocess (JAX preallocates GPU memory,
 so the two frameworks never share a process; a worker is one of the
@@ -348,6 +349,8 @@ def op_profile(trace_path: str, hlo: str, steps: int, top: int = 25) -> list[dic
   return out + sorted(rows, key=lambda r: -r['ms_per_step'])[:top]
 
 
+# The run's stages, in order (module docstring; `--stages` picks some).
+STAGES = ('peak', 'probe', 'steps', 'timm', 'profile', 'layout', 'blocks', 'loop', 'rest')
 BLOCK_PARTS = ('attention', 'mlp', 'block')   # What the block probes time.
 
 
@@ -647,6 +650,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                      flag_values=fv)
   flags.DEFINE_integer('repeats', 20, 'Timed steps per case; the median is reported.',
                        flag_values=fv)
+  flags.DEFINE_list('stages', None, f'Run only these stages, in the usual order (default all: '
+                    f'{",".join(STAGES)}), e.g. a second call for what the first had no time '
+                    'for: --stages=loop,rest', flag_values=fv)
 
 
 @cli.command(define_flags)
@@ -667,39 +673,48 @@ def main(args: cli.Args) -> None:
         return
       records.extend(run_worker(call, share * left(), log))
 
-    worker(worker_jax_peak, 0.2, args.smoke)
-    worker(worker_attention_probe, 0.2, args.smoke)
-    pad = _best_pad(records)
-    if pad is None:   # The kernel took no padding (or no GPU): einsum attention.
-      print('cuDNN attention unavailable: timing the einsum attention', flush=True)
-      JAX_CASES[:] = [c[:6] + ({'attention': 'einsum', **c[6]},) for c in JAX_CASES]
-      JAX_EXTRA[:] = [c[:6] + ({'attention': 'einsum', **c[6]},) for c in JAX_EXTRA]
-      pad = vit.ATTENTION_PAD_MULTIPLE
+    stages = args.stages or STAGES
+    if set(stages) - set(STAGES):
+      raise ValueError(f'--stages takes some of {", ".join(STAGES)}, got {stages}')
+    want = lambda stage: stage in stages
+    if want('peak'):
+      worker(worker_jax_peak, 0.2, args.smoke)
+    pad = vit.ATTENTION_PAD_MULTIPLE
+    if want('probe'):
+      worker(worker_attention_probe, 0.2, args.smoke)
+      pad = _best_pad(records)
+      if pad is None:   # The kernel took no padding (or no GPU): einsum attention.
+        print('cuDNN attention unavailable: timing the einsum attention', flush=True)
+        JAX_CASES[:] = [c[:6] + ({'attention': 'einsum', **c[6]},) for c in JAX_CASES]
+        JAX_EXTRA[:] = [c[:6] + ({'attention': 'einsum', **c[6]},) for c in JAX_EXTRA]
+        pad = vit.ATTENTION_PAD_MULTIPLE
     print(f'attention padding: multiple of {pad}', flush=True)
     jax_cases, torch_cases = (SMOKE_JAX, SMOKE_TORCH) if args.smoke else (JAX_CASES, TORCH_CASES)
-    worker(worker_jax, 0.5, jax_cases, args.repeats, pad)
-    worker(worker_torch, 0.4, torch_cases if args.smoke else torch_cases[:3], args.repeats,
-           args.smoke)
-    if not args.smoke:
-      worker(worker_torch, 0.5, torch_cases[3:], args.repeats, args.smoke)
-    # Where the train steps' time goes (the open speed targets need it first).
-    worker(worker_profile, 0.5, [c for c in jax_cases if c[4]][:2], pad, args.out)
+    if want('steps'):
+      worker(worker_jax, 0.5, jax_cases, args.repeats, pad)
+    if want('timm'):
+      worker(worker_torch, 0.4, torch_cases if args.smoke else torch_cases[:3], args.repeats,
+             args.smoke)
+      if not args.smoke:
+        worker(worker_torch, 0.5, torch_cases[3:], args.repeats, args.smoke)
+    if want('profile'):   # Where the train steps' time goes.
+      worker(worker_profile, 0.5, [c for c in jax_cases if c[4]][:2], pad, args.out)
     # The whole train steps with the probe's best other layout, if it beat the
     # model's own (the smoke run always tries one: its path must work).
     layout = 'prepad-split' if args.smoke else _best_layout(records)
-    if layout:   # (On CPU the fused path runs only when asked for, as 'xla'.)
+    if want('layout') and layout:   # (On CPU the fused path runs only as 'xla'.)
       extra = {'layout': layout, **({'attention': 'xla'} if args.smoke else {})}
       worker(worker_jax, 0.5, [(f'{c[0]}-{layout}',) + c[1:6] + ({**c[6], **extra},)
                                for c in jax_cases if c[4]][:2], args.repeats, pad)
-    # The block's parts against timm's at the same shapes: where the gap is.
-    worker(worker_block_probe_jax, 0.3, args.smoke, pad)
-    worker(worker_block_probe_torch, 0.3, args.smoke, False)
-    worker(worker_block_probe_torch, 0.4, args.smoke, True, ('block',))
-    if left() > 30:
+    if want('blocks'):   # The block's parts against timm's at the same shapes.
+      worker(worker_block_probe_jax, 0.3, args.smoke, pad)
+      worker(worker_block_probe_torch, 0.3, args.smoke, False)
+      worker(worker_block_probe_torch, 0.4, args.smoke, True, ('block',))
+    if want('loop') and left() > 30:
       records.extend(run_loop(jax_cases[0], pad, 0.4 * left(), log, args.smoke))
-    if args.smoke:   # The XLA-flags path, once.
+    if want('rest') and args.smoke:   # The XLA-flags path, once.
       worker(worker_jax, 0.4, jax_cases[:1], args.repeats, pad, XLA_FLAG_VARIANTS[0])
-    else:
+    elif want('rest'):
       worker(worker_jax, 0.6, JAX_EXTRA[1:3], args.repeats, pad)
       for case in JAX_EXTRA[3:]:   # Each in its own process: its own peak memory.
         worker(worker_jax, 0.6, [case], args.repeats, pad)
