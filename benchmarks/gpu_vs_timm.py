@@ -328,9 +328,11 @@ def op_profile(trace_path: str, hlo: str, steps: int, top: int = 25) -> list[dic
   per_op: dict[str, list] = {}
   for e in events:
     args = e.get('args') or {}
-    if e.get('ph') != 'X' or 'hlo_op' not in args or (devices and e['pid'] not in devices):
+    # On a device's streams every event is a kernel (named by its HLO op when
+    # the trace says); elsewhere (CPU) only XLA's thunks name an hlo_op.
+    if e.get('ph') != 'X' or (e['pid'] not in devices if devices else 'hlo_op' not in args):
       continue
-    rec = per_op.setdefault(args['hlo_op'], [0.0, 0, e['name']])
+    rec = per_op.setdefault(args.get('hlo_op', e['name']), [0.0, 0, e['name']])
     rec[0] += e.get('dur', 0.0)
     rec[1] += 1
   total = sum(v[0] for v in per_op.values()) or 1.0

@@ -227,6 +227,28 @@ def test_op_profile_sums_a_trace_by_hlo_op(tmp_path):
   assert all(r['launches_per_step'] == 1 for r in ops)
   total = rows[0]['ms_per_step']
   assert sum(r['ms_per_step'] for r in ops) == pytest.approx(total)
+  # A GPU trace's shape: kernels on a device process's streams, most naming
+  # their HLO op; host events and other processes are not device time.
+  import gzip
+  import json
+  fake = tmp_path / 'gpu.json.gz'
+  with gzip.open(fake, 'wt') as f:
+    json.dump({'traceEvents': [
+        {'ph': 'M', 'pid': 1, 'name': 'process_name', 'args': {'name': '/device:GPU:0'}},
+        {'ph': 'M', 'pid': 2, 'name': 'process_name', 'args': {'name': '/host:CPU'}},
+        {'ph': 'X', 'pid': 1, 'name': 'sm90_xmma_gemm', 'dur': 30.0,
+         'args': {'hlo_op': 'custom-call.1'}},
+        {'ph': 'X', 'pid': 1, 'name': 'sm90_xmma_gemm', 'dur': 30.0,
+         'args': {'hlo_op': 'custom-call.1'}},
+        {'ph': 'X', 'pid': 1, 'name': 'loop_transpose_fusion', 'dur': 20.0, 'args': {}},
+        {'ph': 'X', 'pid': 2, 'name': 'PjitFunction', 'dur': 500.0,
+         'args': {'hlo_op': 'custom-call.1'}}]}, f)
+  rows = g.op_profile(str(fake), '  %custom-call.1 = bf16[8,8]{1,0} custom-call(%a, %b), '
+                      'custom_call_target="__cublas$gemm"', steps=2)
+  assert rows[0]['ms_per_step'] == pytest.approx(0.04)
+  assert {r['op']: (r['op_class'], r['ms_per_step']) for r in rows[1:]} == {
+      'class matmul': ('matmul', 0.03), 'class copy/transpose': ('copy/transpose', 0.01),
+      'custom-call.1': ('matmul', 0.03), 'loop_transpose_fusion': ('copy/transpose', 0.01)}
   assert g.op_class('custom-call __cudnn$fmhaSoftmax bf16[]', '') == 'attention'
   assert g.op_class('custom-call __cublas$lt$matmul f32[]', '') == 'matmul'
   assert g.op_class('fusion kLoop bf16[]', 'loop_transpose_fusion') == 'copy/transpose'
