@@ -265,21 +265,26 @@ def worker_profile(cases: list, pad_multiple: int, out_dir: str, steps: int = 5)
   from vit_jax.models import vit
   vit.ATTENTION_PAD_MULTIPLE = pad_multiple
   for name, model_name, res, batch, train, dtype, variant in cases:
-    model, variables = benchmark.build(model_name, num_classes=1000, resolution=res,
-                                       dtype=dtype, **variant)
-    step = benchmark.compile_step(model, variables, batch=batch, resolution=res, train=train)
-    benchmark.time_calls(step.call, 3, warmup=2)
-    hlo = step.hlo()
-    with gzip.open(os.path.join(out_dir, f'{name}.hlo.txt.gz'), 'wt') as f:
-      f.write(hlo)
-    logdir = tempfile.mkdtemp()
-    with jax.profiler.trace(logdir, create_perfetto_trace=True):
-      benchmark.time_calls(step.call, steps, warmup=0)
-    trace = next(os.path.join(root, f) for root, _, files in os.walk(logdir) for f in files
-                 if f == 'perfetto_trace.json.gz')
-    for rec in op_profile(trace, hlo, steps):
-      emit(dict(framework='profile', case=name, model=model_name, res=res, batch=batch,
-                **rec))
+    try:
+      model, variables = benchmark.build(model_name, num_classes=1000, resolution=res,
+                                         dtype=dtype, **variant)
+      step = benchmark.compile_step(model, variables, batch=batch, resolution=res, train=train)
+      benchmark.time_calls(step.call, 3, warmup=2)
+      hlo = step.hlo()
+      with gzip.open(os.path.join(out_dir, f'{name}.hlo.txt.gz'), 'wt') as f:
+        f.write(hlo)
+      logdir = tempfile.mkdtemp()
+      with jax.profiler.trace(logdir, create_perfetto_trace=True):
+        benchmark.time_calls(step.call, steps, warmup=0)
+      trace = [os.path.join(root, f) for root, _, files in os.walk(logdir) for f in files
+               if f == 'perfetto_trace.json.gz']
+      if not trace:
+        raise FileNotFoundError(f'no perfetto_trace.json.gz under {logdir}')
+      for rec in op_profile(trace[0], hlo, steps):
+        emit(dict(framework='profile', case=name, model=model_name, res=res, batch=batch,
+                  **rec))
+    except Exception as e:  # noqa: BLE001 - report and go on
+      emit(dict(framework='profile', case=name, error=f'{type(e).__name__}: {e}'[:500]))
 
 
 def hlo_ops(hlo: str) -> dict[str, str]:
@@ -631,7 +636,8 @@ def table(records: list[dict]) -> str:
   if comp and ours:
     lines.append(f'vit_jax bf16 train @224 / timm+torch.compile: {ours["img_s"] / comp["img_s"]:.2f}')
   for case in dict.fromkeys(r['case'] for r in records if r.get('framework') == 'profile'):
-    prof = [r for r in records if r.get('framework') == 'profile' and r['case'] == case]
+    prof = [r for r in records if r.get('framework') == 'profile' and r['case'] == case
+            and 'ms_per_step' in r]
     lines.append(f'profile {case}: device ms/step by class and top ops')
     lines += [f'  {r["ms_per_step"]:8.2f} ms {100 * r["share"]:5.1f}%  {r["op"][:40]:40s} '
               f'{r.get("launches_per_step", ""):>5} {r.get("hlo", "")[:60]} {r.get("kernel", "")[:50]}'
