@@ -329,6 +329,34 @@ def test_one_command_on_a_flat_folder_then_predict(tmp_path):
   top1 = [line.split()[1] for line in lines if line.startswith('    ')]
   assert len(top1) == 10 and set(top1) <= set(COLOURS)
   assert top1.count('plum') >= 6   # Six steps of fine-tuning already see blue.
+  # evaluate with the launch config: the model and 32px come from the export
+  # (as training took them from the shipped checkpoint), the run's own score.
+  export = str(workdir / 'SmallViT_8.npz')
+  final = json.loads((workdir / 'final_metrics.json').read_text())
+  metrics = _evaluate(f'--config=configs/folder.py:{root}', f'--checkpoint={export}')
+  assert metrics['num_test_examples'] == 3
+  assert metrics['accuracy_test'] == final['accuracy_test']
+  assert metrics['loss_test'] == pytest.approx(final['loss_test'], abs=1e-5)
+  # A test file gone bad: listed before any evaluation, or left out on request.
+  broken = pathlib.Path((workdir / 'test_files.txt').read_text().split()[0])
+  broken.write_bytes(b'not an image')
+  out = _evaluate(f'--config=configs/folder.py:{root}', f'--checkpoint={export}', ok=False)
+  assert out.returncode == 1 and '1 image file(s) cannot be decoded' in out.stderr
+  assert str(broken) in out.stderr and '--config.skip_bad_images=True' in out.stderr
+  metrics = _evaluate(f'--config=configs/folder.py:{root}', f'--checkpoint={export}',
+                      '--config.skip_bad_images=True')
+  assert metrics['num_test_examples'] == 2
+
+
+def _evaluate(*args, ok=True):
+  """python -m vit_jax.evaluate --json: its metrics (or the process, ok=False)."""
+  out = subprocess.run([sys.executable, '-m', 'vit_jax.evaluate', '--json', *args], cwd=REPO,
+                       env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300,
+                       check=False)
+  if not ok:
+    return out
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.splitlines()[-1])
 
 
 def test_one_command_stops_before_training_naming_both_bad_files(tmp_path):

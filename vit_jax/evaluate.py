@@ -6,7 +6,10 @@ r"""Evaluate a checkpoint on a config's test split: ``python -m vit_jax.evaluate
 The config says which model (``model_name`` + ``model``), which data
 (``dataset``, ``test_split``; override with ``--config.test_split=...``) and
 which preprocessing (``image_size``, ``pp.eval``); the checkpoint gives every
-parameter, head included. Evaluation is the training loop's own
+parameter, head included. What the config leaves to the checkpoint, as
+``configs/folder.py`` does (the model, and its recipe's ``image_size``), is
+resolved from this checkpoint the way training resolved it from the
+pre-trained one, so the config a run was launched with evaluates its export. Evaluation is the training loop's own
 (`evaluators.evaluate_split`: every example once, the last batch padded and
 masked), so the accuracy printed here for a training run's exported ``.npz``
 is the ``accuracy_test`` that run logged. At another ``image_size`` the
@@ -35,6 +38,17 @@ def define_flags(fv: flags.FlagValues) -> None:
                     'default config.dtype.', flag_values=fv)
 
 
+def resolve_for(config, checkpoint: str):
+  """`config` with what it leaves to the checkpoint (configs/folder.py: the
+  model, and its recipe's image_size, batch, ...) taken from `checkpoint`, as
+  training resolved them from the pre-trained one (`train.resolve_config`)."""
+  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.pretrained_path = checkpoint
+  return train.resolve_config(config)
+
+
 def evaluate_checkpoint(config, checkpoint: str, dtype: str | None = None) -> dict[str, float]:
   """accuracy_test, loss_test, num_test_examples of `checkpoint` under `config`.
 
@@ -42,7 +56,11 @@ def evaluate_checkpoint(config, checkpoint: str, dtype: str | None = None) -> di
   """
 
   from vit_jax import config_schema, evaluators, hub  # pylint: disable=g-import-not-at-top
+  config = resolve_for(config, checkpoint)
   config_schema.validate_config(config)
+  # Image folders: undecodable test files listed up front (or left out under
+  # config.skip_bad_images), as training does.
+  config = config_schema.data_module(config).checked_config(config, None, (config.test_split,))
   model = hub.load(checkpoint, model=config_schema.model_config(config),
                    image_size=config.image_size, dtype=dtype or config.get('dtype', 'auto'))
   data_classes = (config.get('num_classes') or
@@ -67,12 +85,13 @@ def main(args: cli.Args) -> None:
   if args.config is None or args.checkpoint is None:
     raise cli.UsageError('Both --config and --checkpoint are required.')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  metrics = evaluate_checkpoint(args.config, args.checkpoint, args.dtype)
+  config = resolve_for(args.config, args.checkpoint)
+  metrics = evaluate_checkpoint(config, args.checkpoint, args.dtype)
   if args.json:
     print(json.dumps(metrics))
   else:
-    print(f'{args.checkpoint} on {args.config.dataset} '
-          f'{args.config.test_split} @{args.config.image_size}px: '
+    print(f'{args.checkpoint} on {config.dataset} '
+          f'{config.test_split} @{config.image_size}px: '
           f'accuracy_test={metrics["accuracy_test"]:.4f} '
           f'loss_test={metrics["loss_test"]:.4f} '
           f'({int(metrics["num_test_examples"])} images)')

@@ -506,8 +506,10 @@ def _source(config: Any, split: str) -> Source:
   )
 
 
-def checked_config(config: Any, workdir: str | None) -> Any:
-  """Decodes every image file of the train and test splits once, before training.
+def checked_config(config: Any, workdir: str | None,
+                   splits: tuple[str, ...] | None = None) -> Any:
+  """Decodes every image file of the train and test splits (or `splits`)
+  once, before training (or evaluation).
 
   Undecodable files stop the run with the full list (ValueError), unless
   config.skip_bad_images: then they are logged and the returned copy of the
@@ -515,7 +517,7 @@ def checked_config(config: Any, workdir: str | None) -> Any:
   Cached in the workdir (`check_images`); datasets without files pass as is.
   """
   paths: list[str] = []
-  for split in dict.fromkeys((config.train_split, config.test_split)):
+  for split in dict.fromkeys(splits or (config.train_split, config.test_split)):
     source = load_source(config.dataset, split, train_split=config.get('train_split', 'train'),
                          data_dir=config.get('tfds_data_dir'),
                          download=bool(config.get('tfds_download', True)),
@@ -760,7 +762,7 @@ def bad_images_message(bad: dict[str, str]) -> str:
   """All undecodable files, one per line, and the two ways forward."""
   lines = [f'  {path}: {reason}' for path, reason in sorted(bad.items())]
   return (f'{len(bad)} image file(s) cannot be decoded:\n' + '\n'.join(lines) +
-          '\nDelete or re-save them, or train without them: --config.skip_bad_images=True.')
+          '\nDelete or re-save them, or leave them out: --config.skip_bad_images=True.')
 
 
 # ----------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def num_classes(config: Any) -> int:
   return int(config.get('num_classes') or DEFAULT_NUM_CLASSES)
 
 
-def checked_config(config: Any, workdir: str | None) -> Any:
+def checked_config(config: Any, workdir: str | None,
+                   splits: tuple[str, ...] | None = None) -> Any:
   """No files to check (input_pipeline.checked_config decodes image folders)."""
   del workdir
   return config
