@@ -17,7 +17,7 @@ Every image is decoded once before training (in parallel, cached in the
 workdir); undecodable files stop the run with the full list, or are left out
 with --config.skip_bad_images=True.
 
-What the checkpoint decides (vit_jax.train.resolve_config):
+What the checkpoint decides (vit_jax.config_schema.resolve_config):
 * The architecture: from the sidecar .json written next to every exported
   .npz (and shipped next to checkpoints/*.npz), else from the one preset with
   the same parameter tree. --config.model_name may still be given; it must fit.
@@ -67,7 +67,7 @@ from configs import common
 
 # Recipes by model size: the smallest whose max_params holds the model's
 # parameter count (head and position embeddings excluded) fills every value
-# left None below (vit_jax.train.resolve_config).
+# left None below (vit_jax.config_schema.resolve_config).
 RECIPES = {
     'cpu': {'max_params': 10_000_000, 'image_size': 32, 'batch_size': 128,
             'batch_size_eval': 250, 'accum_steps': 1, 'total_steps': 300,
@@ -93,7 +93,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_every = 100
   c.checkpoint_every = 100
   if variant != 'scratch':
-    # The architecture comes from the checkpoint (train.resolve_config).
+    # The architecture comes from the checkpoint (config_schema.resolve_config).
     c.model_name = None
     c.pretrained_path = common.IMAGENET21K_DIR + '/ViT-B_16.npz'
     c.recipe = config_dict.placeholder(str)  # None: by the model's size.

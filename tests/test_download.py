@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from conftest import REPO, SHIPPED, SUBPROCESS_ENV
 
-from vit_jax import checkpoint, download, train
+from vit_jax import checkpoint, config_schema, download
 
 
 
@@ -202,7 +202,7 @@ def test_pretrained_path_by_name_is_fetched_before_training(bucket, monkeypatch)
   config = tiny_config()
   config.pretrained_path = 'SmallViT_8'
   try:
-    train.check_pretrained_available(config)
+    config_schema.check_pretrained_available(config)
   finally:
     server.stop()
   assert (pathlib.Path(download.cache_dir()) / 'imagenet21k' / 'SmallViT_8.npz').is_file()

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import REPO, SUBPROCESS_ENV
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import train
+from vit_jax import config_schema
 
 ENV = SUBPROCESS_ENV
 
@@ -47,8 +47,8 @@ def test_every_config_validates(spec):
   if config.get('recipes'):
     # Model and recipe come from the checkpoint at run time; here, a given model.
     config.model_name = 'ViT-B_16'
-    config = train.resolve_config(config)
-  train.validate_config(config)
+    config = config_schema.resolve_config(config)
+  config_schema.validate_config(config)
 
 
 def test_paper_recipe_in_finetune_b16():

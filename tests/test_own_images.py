@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import REPO, SHIPPED, SUBPROCESS_ENV
 from vit_jax import checkpoint as ckpt_lib
 from vit_jax import input_pipeline as ip
-from vit_jax import hub, models, train
+from vit_jax import config_schema, hub, models, train
 
 # Three classes a pre-trained model tells apart at once: red, green, blue.
 COLOURS = {'cherry': (200, 30, 30), 'lime': (30, 200, 30), 'plum': (30, 30, 200)}
@@ -106,16 +106,16 @@ def test_recipe_by_model_size_and_command_line_values_win():
   from configs import folder
   c = folder.get_config('/data/x')
   c.pretrained_path = str(SHIPPED)
-  r = train.resolve_config(c)
+  r = config_schema.resolve_config(c)
   assert (r.model_name, r.recipe) == ('SmallViT_8', 'cpu')
   assert (r.image_size, r.batch_size, r.total_steps, r.lr.base, r.pp.train) == (
       32, 128, 300, 0.03, 'rpt_augment')
   assert r.num_classes is None   # From the data.
-  train.validate_config(r)
-  assert train.resolve_config(r).to_json() == r.to_json()   # Idempotent.
+  config_schema.validate_config(r)
+  assert config_schema.resolve_config(r).to_json() == r.to_json()   # Idempotent.
   c = folder.get_config('/data/x')
   c.model_name, c.pretrained_path, c.image_size = 'ViT-B_16', None, 224
-  r = train.resolve_config(c)
+  r = config_schema.resolve_config(c)
   assert r.recipe == 'paper'
   assert (r.image_size, r.batch_size, r.accum_steps, r.total_steps, r.lr.base,
           r.pp.train) == (224, 512, 8, 500, 0.003, 'inception_crop')

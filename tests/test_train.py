@@ -25,7 +25,7 @@ from conftest import (REPO, SUBPROCESS_ENV, golden_dir, sigkill_at_step, tiny_co
                       use_compile_cache)
 
 from vit_jax import checkpoint as ckpt_lib
-from vit_jax import models, optim, train, train_step
+from vit_jax import config_schema, models, optim, train, train_step
 
 TINY = 'tests/_tiny_config.py'
 TOTAL = 10  # steps of the reference run and of the runs compared with it
@@ -407,7 +407,7 @@ def test_unreachable_storage_fails_fast(monkeypatch, tmp_path):
   monkeypatch.setattr(socket, 'create_connection', hang)
   start = time.time()
   with pytest.raises(ckpt_lib.CheckpointError, match='storage.googleapis.com is not reachable'):
-    train.check_remote_reachable('gs://another-bucket/ViT-B_16.npz', timeout=0.5)
+    config_schema.check_remote_reachable('gs://another-bucket/ViT-B_16.npz', timeout=0.5)
   assert time.time() - start < 5
   # The official bucket goes through vit_jax.download (https, cached).
   monkeypatch.setattr(download, 'TIMEOUT_S', 0.5)
@@ -416,7 +416,7 @@ def test_unreachable_storage_fails_fast(monkeypatch, tmp_path):
   config.pretrained_path = 'gs://vit_models/imagenet21k/ViT-B_16.npz'
   start = time.time()
   with pytest.raises(ckpt_lib.CheckpointError, match='no network') as e:
-    train.check_pretrained_available(config)
+    config_schema.check_pretrained_available(config)
   assert time.time() - start < 5
   assert 'curl -L --create-dirs' in str(e.value)
 
@@ -424,7 +424,7 @@ def test_unreachable_storage_fails_fast(monkeypatch, tmp_path):
     raise OSError('Name or service not known')
   monkeypatch.setattr(socket, 'create_connection', refuse)
   with pytest.raises(ckpt_lib.CheckpointError, match='is not reachable'):
-    train.check_remote_reachable('gs://another-bucket/ViT-B_16.npz')
+    config_schema.check_remote_reachable('gs://another-bucket/ViT-B_16.npz')
 
 
 def test_checkpoint_of_another_architecture(tmp_path):

@@ -3,21 +3,27 @@
 Every training-config fact that more than the loop needs lives here: the
 types of the keys (`validate_config`), the module that serves its data
 (`data_module`: tf.data or synthetic), the model a config builds (preset
-`model_name` merged with the overrides in `model`: `model_config`), and the
-pre-trained checkpoint it starts from (`pretrained_path`). The loop
+`model_name` merged with the overrides in `model`: `model_config`), the
+pre-trained checkpoint it starts from (`pretrained_path`, checked by
+`check_pretrained_available`) and what that checkpoint decides (the model
+and recipe a config leaves open: `resolve_config`). The loop
 (vit_jax.train), the evaluators, vit_jax.hub, evaluate and benchmark read
 them from here; none of them imports the loop.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+from absl import logging
 
+from vit_jax import checkpoint as ckpt_lib
 from vit_jax import cli, models
 from vit_jax.models import vit
 
@@ -214,6 +220,113 @@ def pretrained_path(config: ml_collections.ConfigDict) -> str | None:
   path = config.get('pretrained_path')
   return None if path in (None, '', 'None', 'none') else path
 
+
+
+# ---------------------------------------------------------------------------
+# Resolution: what the checkpoint decides (model, recipe), before anything runs.
+# ---------------------------------------------------------------------------
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy with the model and recipe filled in from the checkpoint.
+
+  * Model: with neither config.model_name nor config.model set, the
+    pre-trained checkpoint's own (`checkpoint.infer_model`: its sidecar, else
+    the one preset with its parameter tree). A model that is set must fit the
+    checkpoint; `load_pretrained` says what the file is when it does not.
+  * Recipe: `config.recipes` (e.g. configs/folder.py) maps names to
+    {'max_params': N, <config values>}; the smallest recipe whose max_params
+    holds the model's parameter count (head and position embeddings
+    excluded), or the one named by config.recipe, fills every value that is
+    still None.
+  Resolving a resolved config changes nothing.
+  """
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    path = pretrained_path(config)
+    if path and not (config.get('model_name') or config.get('model')):
+      check_pretrained_available(config)
+      mc = ckpt_lib.infer_model(path)
+      name = mc.get('model_name')
+      if name in models.MODEL_CONFIGS and _same(models.get_config(name), mc):
+        config.model_name = name
+      else:
+        config.model_name, config.model = None, mc
+      logging.info('Model %s, from the checkpoint %s.', mc.get('model_name'), path)
+    recipes = config.get('recipes')
+    if recipes and (config.get('model_name') or config.get('model')):
+      num_params = ckpt_lib.num_backbone_params(model_config(config))
+      name = config.get('recipe') or min(
+          (r.max_params, n) for n, r in recipes.items() if r.max_params >= num_params)[1]
+      if name not in recipes:
+        raise ConfigError(f'config.recipe={name!r} is not one of config.recipes: '
+                          f'{", ".join(recipes)}.')
+      values = recipes[name].to_dict()
+      values.pop('max_params', None)
+      filled = _fill_none(config, values)
+      config.recipe = name
+      if filled:
+        logging.info('Recipe %r of config.recipes (%s parameters): %s.', name,
+                     f'{num_params:,}', ', '.join(filled))
+  return config
+
+
+def _same(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
+  return (json.dumps(a.to_dict(), sort_keys=True, default=list) ==
+          json.dumps(b.to_dict(), sort_keys=True, default=list))
+
+
+def _fill_none(node: ml_collections.ConfigDict, values: Mapping,
+               prefix: str = '') -> list[str]:
+  """Sets the values whose key is None in `node`; returns 'key=value' of those."""
+  filled = []
+  for key, value in values.items():
+    if isinstance(value, Mapping) and node.get(key) is not None:
+      filled += _fill_none(node[key], value, f'{prefix}{key}.')
+    elif node.get(key) is None:
+      node[key] = value
+      filled.append(f'{prefix}{key}={value}')
+  return filled
+
+
+_REMOTE_HOSTS = {'gs': ('storage.googleapis.com', 443)}
+
+
+def check_remote_reachable(path: str, timeout: float = 10.0) -> None:
+  """Fails in seconds, not minutes, when a gs:// file cannot be reached.
+
+  tf.io.gfile retries for ~200 s without network; a TCP connect to the
+  storage host with a timeout tells us first.
+  """
+  from vit_jax import download  # pylint: disable=g-import-not-at-top
+  scheme = path.split('://', 1)[0] if '://' in path else None
+  if scheme not in _REMOTE_HOSTS or download.bucket_path(path) is not None:
+    return   # Official files come through vit_jax.download, with its own timeout.
+  host, port = _REMOTE_HOSTS[scheme]
+  reason = ckpt_lib.unreachable(host, port, timeout)
+  if reason:
+    raise ckpt_lib.CheckpointError(
+        f'Cannot read {path}: {reason}. No network here? Download the checkpoint '
+        f'on a machine that has one and set config.pretrained_path to the local '
+        f'file.\n{ckpt_lib.DOWNLOAD_HINT}')
+
+
+def check_pretrained_available(config: ml_collections.ConfigDict) -> None:
+  """Fails before any data or model work when the checkpoint is missing.
+
+  Never falls back to random init: a fine-tune from scratch by accident is
+  the worst kind of silent failure.
+  """
+  path = pretrained_path(config)
+  if not path:
+    return
+  # An official name or URL: downloaded (once) now, not after the data work.
+  path = ckpt_lib.local_path(path)
+  if '://' in path:
+    check_remote_reachable(path)
+  elif not os.path.exists(path):
+    raise ckpt_lib.CheckpointError(
+        f'Pre-trained checkpoint not found: {path}\n{ckpt_lib.DOWNLOAD_HINT}'
+        f'\nTo train from scratch instead, set --config.pretrained_path=None.')
 
 
 # ---------------------------------------------------------------------------

@@ -41,12 +41,13 @@ def define_flags(fv: flags.FlagValues) -> None:
 def resolve_for(config, checkpoint: str):
   """`config` with what it leaves to the checkpoint (configs/folder.py: the
   model, and its recipe's image_size, batch, ...) taken from `checkpoint`, as
-  training resolved them from the pre-trained one (`train.resolve_config`)."""
-  from vit_jax import train  # pylint: disable=g-import-not-at-top
+  training resolved them from the pre-trained one
+  (`config_schema.resolve_config`)."""
+  from vit_jax import config_schema  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.pretrained_path = checkpoint
-  return train.resolve_config(config)
+  return config_schema.resolve_config(config)
 
 
 def evaluate_checkpoint(config, checkpoint: str, dtype: str | None = None) -> dict[str, float]:

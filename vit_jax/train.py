@@ -50,7 +50,6 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -60,15 +59,15 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview
 
-from vit_jax import checkpoint as ckpt_lib
 from vit_jax import config_schema, evaluators, hub
 from vit_jax import curves as curves_lib
 from vit_jax import export as export_lib
 from vit_jax import metrics as metrics_lib
-from vit_jax import models, optim, sharding
+from vit_jax import optim, sharding
 from vit_jax import train_step as train_step_lib
 from vit_jax import workdir as workdir_lib
-from vit_jax.config_schema import ConfigError, model_config, pretrained_path, validate_config
+from vit_jax.config_schema import (ConfigError, check_pretrained_available, model_config,
+                                   pretrained_path, resolve_config, validate_config)
 
 PyTree = Any
 
@@ -115,119 +114,12 @@ def objective_from_config(config: ml_collections.ConfigDict):
 
 
 # ---------------------------------------------------------------------------
-# Resolution: what the checkpoint decides (model, recipe), before anything runs.
-# ---------------------------------------------------------------------------
-
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy with the model and recipe filled in from the checkpoint.
-
-  * Model: with neither config.model_name nor config.model set, the
-    pre-trained checkpoint's own (`checkpoint.infer_model`: its sidecar, else
-    the one preset with its parameter tree). A model that is set must fit the
-    checkpoint; `load_pretrained` says what the file is when it does not.
-  * Recipe: `config.recipes` (e.g. configs/folder.py) maps names to
-    {'max_params': N, <config values>}; the smallest recipe whose max_params
-    holds the model's parameter count (head and position embeddings
-    excluded), or the one named by config.recipe, fills every value that is
-    still None.
-  Resolving a resolved config changes nothing.
-  """
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    path = pretrained_path(config)
-    if path and not (config.get('model_name') or config.get('model')):
-      check_pretrained_available(config)
-      mc = ckpt_lib.infer_model(path)
-      name = mc.get('model_name')
-      if name in models.MODEL_CONFIGS and _same(models.get_config(name), mc):
-        config.model_name = name
-      else:
-        config.model_name, config.model = None, mc
-      logging.info('Model %s, from the checkpoint %s.', mc.get('model_name'), path)
-    recipes = config.get('recipes')
-    if recipes and (config.get('model_name') or config.get('model')):
-      num_params = ckpt_lib.num_backbone_params(model_config(config))
-      name = config.get('recipe') or min(
-          (r.max_params, n) for n, r in recipes.items() if r.max_params >= num_params)[1]
-      if name not in recipes:
-        raise ConfigError(f'config.recipe={name!r} is not one of config.recipes: '
-                          f'{", ".join(recipes)}.')
-      values = recipes[name].to_dict()
-      values.pop('max_params', None)
-      filled = _fill_none(config, values)
-      config.recipe = name
-      if filled:
-        logging.info('Recipe %r of config.recipes (%s parameters): %s.', name,
-                     f'{num_params:,}', ', '.join(filled))
-  return config
-
-
-def _same(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict) -> bool:
-  return (json.dumps(a.to_dict(), sort_keys=True, default=list) ==
-          json.dumps(b.to_dict(), sort_keys=True, default=list))
-
-
-def _fill_none(node: ml_collections.ConfigDict, values: Mapping,
-               prefix: str = '') -> list[str]:
-  """Sets the values whose key is None in `node`; returns 'key=value' of those."""
-  filled = []
-  for key, value in values.items():
-    if isinstance(value, Mapping) and node.get(key) is not None:
-      filled += _fill_none(node[key], value, f'{prefix}{key}.')
-    elif node.get(key) is None:
-      node[key] = value
-      filled.append(f'{prefix}{key}={value}')
-  return filled
-
-
-# ---------------------------------------------------------------------------
 # Steps. Pure functions of (state, batch); `run` jits them with shardings.
 # ---------------------------------------------------------------------------
 
 # ---------------------------------------------------------------------------
 # Helpers of the loop.
 # ---------------------------------------------------------------------------
-
-_REMOTE_HOSTS = {'gs': ('storage.googleapis.com', 443)}
-
-
-def check_remote_reachable(path: str, timeout: float = 10.0) -> None:
-  """Fails in seconds, not minutes, when a gs:// file cannot be reached.
-
-  tf.io.gfile retries for ~200 s without network; a TCP connect to the
-  storage host with a timeout tells us first.
-  """
-  from vit_jax import download  # pylint: disable=g-import-not-at-top
-  scheme = path.split('://', 1)[0] if '://' in path else None
-  if scheme not in _REMOTE_HOSTS or download.bucket_path(path) is not None:
-    return   # Official files come through vit_jax.download, with its own timeout.
-  host, port = _REMOTE_HOSTS[scheme]
-  reason = ckpt_lib.unreachable(host, port, timeout)
-  if reason:
-    raise ckpt_lib.CheckpointError(
-        f'Cannot read {path}: {reason}. No network here? Download the checkpoint '
-        f'on a machine that has one and set config.pretrained_path to the local '
-        f'file.\n{ckpt_lib.DOWNLOAD_HINT}')
-
-
-def check_pretrained_available(config: ml_collections.ConfigDict) -> None:
-  """Fails before any data or model work when the checkpoint is missing.
-
-  Never falls back to random init: a fine-tune from scratch by accident is
-  the worst kind of silent failure.
-  """
-  path = pretrained_path(config)
-  if not path:
-    return
-  # An official name or URL: downloaded (once) now, not after the data work.
-  path = ckpt_lib.local_path(path)
-  if '://' in path:
-    check_remote_reachable(path)
-  elif not os.path.exists(path):
-    raise ckpt_lib.CheckpointError(
-        f'Pre-trained checkpoint not found: {path}\n{ckpt_lib.DOWNLOAD_HINT}'
-        f'\nTo train from scratch instead, set --config.pretrained_path=None.')
-
 
 def _put(tree: PyTree, shardings: PyTree) -> PyTree:
   """Host numpy tree -> global arrays, every process passing the same values."""
