@@ -9,11 +9,12 @@ which preprocessing (``image_size``, ``pp.eval``); the checkpoint gives every
 parameter, head included. What the config leaves to the checkpoint, as
 ``configs/folder.py`` does (the model, and its recipe's ``image_size``), is
 resolved from this checkpoint the way training resolved it from the
-pre-trained one, so the config a run was launched with evaluates its export. Evaluation is the training loop's own
-(`evaluators.evaluate_split`: every example once, the last batch padded and
-masked), so the accuracy printed here for a training run's exported ``.npz``
-is the ``accuracy_test`` that run logged. At another ``image_size`` the
-position embeddings are interpolated as for fine-tuning (paper §3.2).
+pre-trained one, so the config a run was launched with evaluates its export.
+Evaluation is the training loop's own (`evaluators.evaluate_split`: every
+example once, the last batch padded and masked), so the accuracy printed here
+for a training run's exported ``.npz`` is the ``accuracy_test`` that run
+logged. At another ``image_size`` the position embeddings are interpolated as
+for fine-tuning (paper §3.2).
 """
 
 from __future__ import annotations
@@ -55,17 +56,20 @@ def evaluate_checkpoint(config, checkpoint: str, dtype: str | None = None) -> di
 
   Computes in `dtype`, default config.dtype (as training did).
   """
+  return _evaluate(resolve_for(config, checkpoint), checkpoint, dtype)
 
+
+def _evaluate(config, checkpoint: str, dtype: str | None) -> dict[str, float]:
+  """evaluate_checkpoint on a config `resolve_for` resolved already."""
   from vit_jax import config_schema, evaluators, hub  # pylint: disable=g-import-not-at-top
-  config = resolve_for(config, checkpoint)
   config_schema.validate_config(config)
+  data = config_schema.data_module(config)
   # Image folders: undecodable test files listed up front (or left out under
   # config.skip_bad_images), as training does.
-  config = config_schema.data_module(config).checked_config(config, None, (config.test_split,))
+  config = data.checked_config(config, None, (config.test_split,))
   model = hub.load(checkpoint, model=config_schema.model_config(config),
                    image_size=config.image_size, dtype=dtype or config.get('dtype', 'auto'))
-  data_classes = (config.get('num_classes') or
-                  config_schema.data_module(config).get_dataset_info(config).num_classes)
+  data_classes = config.get('num_classes') or data.get_dataset_info(config).num_classes
   if model.num_classes != data_classes:
     raise config_schema.ConfigError(
         f'{checkpoint} has a {model.num_classes}-class head but {config.dataset} has '
@@ -87,7 +91,7 @@ def main(args: cli.Args) -> None:
     raise cli.UsageError('Both --config and --checkpoint are required.')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   config = resolve_for(args.config, args.checkpoint)
-  metrics = evaluate_checkpoint(config, args.checkpoint, args.dtype)
+  metrics = _evaluate(config, args.checkpoint, args.dtype)
   if args.json:
     print(json.dumps(metrics))
   else:

@@ -42,7 +42,7 @@ def num_classes(config: Any) -> int:
 def checked_config(config: Any, workdir: str | None,
                    splits: tuple[str, ...] | None = None) -> Any:
   """No files to check (input_pipeline.checked_config decodes image folders)."""
-  del workdir
+  del workdir, splits
   return config
 
 
