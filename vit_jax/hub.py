@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -134,20 +135,22 @@ class Model:
     the images. A file that cannot be read raises images.ImageError, or with
     a `skipped` list is left out and appended to it as (file, reason).
     """
-    files, raw, first = [], [], True
-    for path in images.collect_images(paths):
+    readable = self._read(images.collect_images(paths), skipped)
+    for i, chunk in enumerate(iter(lambda: list(itertools.islice(readable, batch_size)), [])):
+      files, raw = [f for f, _ in chunk], [image for _, image in chunk]
+      yield files, self._preprocess(raw, batch_size if i else 0), raw
+
+  def _read(self, files: Sequence[str], skipped: list[tuple[str, str]] | None
+            ) -> Iterator[tuple[str, np.ndarray]]:
+    """(file, raw image) of each file, decoded as folder evaluation does; see
+    iter_images for `skipped`."""
+    for path in files:
       try:
-        raw.append(images.read_image(path, self._min_side))
-        files.append(path)
+        yield path, images.read_image(path, self._min_side)
       except images.ImageError as e:
         if skipped is None:
           raise
         skipped.append((path, str(e)))
-      if len(files) == batch_size:
-        yield files, self._preprocess(raw, batch_size if not first else 0), raw
-        files, raw, first = [], [], False
-    if files:
-      yield files, self._preprocess(raw, batch_size if not first else 0), raw
 
   def _preprocess(self, raw: list[np.ndarray], pad_to: int = 0) -> np.ndarray:
     """Raw uint8 images -> this model's eval batch, zero-padded to `pad_to` rows."""
