@@ -133,6 +133,33 @@ def worker_jax_peak(smoke: bool) -> None:
             / 1e12, device=dev.device_kind, jax=jax.__version__))
 
 
+def fwd_bwd_ms(apply: Callable, params, x) -> float:
+  """Median ms of one forward+backward of apply(params, x) (the gradient of
+  the sum of its squares, w.r.t. both), jitted: 20 timed calls after 2."""
+  import jax
+  import jax.numpy as jnp
+  from vit_jax import benchmark
+
+  def loss(params, x):
+    return jnp.sum(apply(params, x).astype(jnp.float32) ** 2)
+  f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+  return 1e3 * statistics.median(benchmark.time_calls(lambda: f(params, x), 20, warmup=2))
+
+
+def time_torch(fn: Callable, sync: Callable, repeats: int, warmup: int) -> list[float]:
+  """Wall times (s) of `repeats` calls of fn after `warmup`, each synced."""
+  for _ in range(warmup):
+    fn()
+  sync()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    sync()
+    times.append(time.perf_counter() - start)
+  return times
+
+
 # Other ways to feed the fused kernel than `vit.fused_attention` (one matmul
 # to (3, B, T, H, hd), then each of q/k/v padded): pad the layer's input
 # once and project straight to the kernel's (B, T, H, hd) layout, with one
@@ -184,7 +211,6 @@ def worker_attention_probe(smoke: bool) -> None:
   module's)."""
   import jax
   import jax.numpy as jnp
-  from vit_jax import benchmark
   from vit_jax.models import vit
   impl = 'xla' if smoke else 'cudnn'
   batch, heads, hd = (2, 2, 8) if smoke else (64, 12, 64)
@@ -196,18 +222,14 @@ def worker_attention_probe(smoke: bool) -> None:
       layer = vit.MultiHeadDotProductAttention(
           num_heads=heads, dtype=jnp.bfloat16, attention='einsum' if einsum else impl)
       params = layer.init(jax.random.key(0), x, deterministic=True)
-
-      def loss(params, x, layer=layer):
-        return jnp.sum(layer.apply(params, x, deterministic=True).astype(jnp.float32) ** 2)
       rec = dict(framework='jax', case=f'attention-probe-T{t}-{multiple}', tokens=t,
                  pad_multiple=multiple, implementation='einsum' if einsum else impl)
       try:
         if not einsum:
           vit.ATTENTION_PAD_MULTIPLE = 64 if layout else multiple
         use_layout(layout, 64)
-        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        times = benchmark.time_calls(lambda: f(params, x), 20, warmup=2)
-        rec['ms'] = 1e3 * statistics.median(times)
+        rec['ms'] = fwd_bwd_ms(lambda p, x, layer=layer: layer.apply(p, x, deterministic=True),
+                               params, x)
         if layout:
           out = layer.apply(params, x, deterministic=True).astype(jnp.float32)
           use_layout(None, 64)
@@ -372,32 +394,27 @@ def worker_block_probe_jax(smoke: bool, pad_multiple: int) -> None:
   tokens; `worker_block_probe_torch` times timm's at the same shapes."""
   import jax
   import jax.numpy as jnp
-  from vit_jax import benchmark
   from vit_jax.models import vit
   vit.ATTENTION_PAD_MULTIPLE = pad_multiple
   impl = 'xla' if smoke else 'auto'
   batch, d, mlp, heads = _block_dims(smoke)
+  # Module, and how its call says "deterministic" (the block takes it positionally).
   modules = {
       'attention': (vit.MultiHeadDotProductAttention(num_heads=heads, dtype=jnp.bfloat16,
                                                      attention=impl),
-                    lambda m, v, x: m.apply(v, x, deterministic=True)),
-      'mlp': (vit.MlpBlock(mlp, 0., jnp.bfloat16),
-              lambda m, v, x: m.apply(v, x, deterministic=True)),
+                    (), {'deterministic': True}),
+      'mlp': (vit.MlpBlock(mlp, 0., jnp.bfloat16), (), {'deterministic': True}),
       'block': (vit.Encoder1DBlock(mlp, heads, 0., 0., dtype=jnp.bfloat16, attention=impl),
-                lambda m, v, x: m.apply(v, x, True))}
+                (True,), {})}
   for t in (197, 577):
     x = jax.random.normal(jax.random.key(t), (batch, t, d), jnp.bfloat16)
     for part in BLOCK_PARTS:
-      module, apply = modules[part]
+      module, args, kwargs = modules[part]
       rec = dict(framework='jax', case=f'block-probe-T{t}-{part}', tokens=t, part=part)
       try:
-        init = (module.init(jax.random.key(0), x, True) if part == 'block'
-                else module.init(jax.random.key(0), x, deterministic=True))
-
-        def loss(v, x, module=module, apply=apply):
-          return jnp.sum(apply(module, v, x).astype(jnp.float32) ** 2)
-        f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        rec['ms'] = 1e3 * statistics.median(benchmark.time_calls(lambda: f(init, x), 20, warmup=2))
+        params = module.init(jax.random.key(0), x, *args, **kwargs)
+        rec['ms'] = fwd_bwd_ms(
+            lambda p, x, m=module, a=args, k=kwargs: m.apply(p, x, *a, **k), params, x)
       except Exception as e:  # noqa: BLE001 - report and go on
         rec['error'] = f'{type(e).__name__}: {e}'[:300]
       emit(rec)
@@ -434,16 +451,7 @@ def worker_block_probe_torch(smoke: bool, compile_: bool, parts: tuple = BLOCK_P
           loss.backward()
           return loss
         fn = torch.compile(step) if compile_ else step
-        for _ in range(3):
-          fn()
-        sync()
-        times = []
-        for _ in range(20):
-          start = time.perf_counter()
-          fn()
-          sync()
-          times.append(time.perf_counter() - start)
-        rec['ms'] = 1e3 * statistics.median(times)
+        rec['ms'] = 1e3 * statistics.median(time_torch(fn, sync, 20, warmup=3))
       except Exception as e:  # noqa: BLE001 - report and go on
         rec['error'] = f'{type(e).__name__}: {e}'[:300]
       emit(rec)
@@ -492,15 +500,7 @@ def worker_torch(cases: list, repeats: int, smoke: bool) -> None:
           with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
             return model(x)
       fn = torch.compile(step) if comp else step
-      for _ in range(3 if comp else 2):   # compile + warm-up
-        fn()
-      sync()
-      times = []
-      for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
+      times = time_torch(fn, sync, repeats, warmup=3 if comp else 2)   # compile + warm-up
       rec.update(img_s=batch / statistics.median(times), step_ms_min=1e3 * min(times),
                  step_ms_max=1e3 * max(times))
       if dev == 'cuda':
