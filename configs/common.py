@@ -81,12 +81,12 @@ def split_size(dataset: str, split: str) -> int:
                      f'(e.g. "train[:98%]"), got {dataset!r}, {split!r}')
   n = TRAIN_EXAMPLES[dataset]
 
-  def bound(value: str, percent: str, default: int) -> int:
-    if not value:
+  def bound(value: str | None, percent: str | None, default: int) -> int:
+    if not value:   # No bracket (None) or an open end ('').
       return default
     b = round(int(value) * n / 100) if percent else int(value)
     return min(max(b + n if b < 0 else b, 0), n)
-  start, start_pct, end, end_pct = m.groups() if m.group(1) is not None else ('', '', '', '')
+  start, start_pct, end, end_pct = m.groups()
   return max(bound(end, end_pct, n) - bound(start, start_pct, 0), 0)
 
 
