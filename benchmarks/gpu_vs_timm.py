@@ -14,24 +14,27 @@ g.worker_jax(...)"``), in this order, skipping what no longer fits `--budget_s`:
    and the cuDNN flash-attention kernel at each token padding
    (`vit.ATTENTION_PAD_MULTIPLE`): which pads the kernel accepts and how fast
    forward+backward runs (the fastest accepted pad is used for every later
-   JAX case), and other ways to feed the kernel (`LAYOUT_VARIANTS`);
+   JAX case);
 3. vit_jax's real train step (`benchmark.compile_step(train=True)`, i.e.
    `train_step.make_train_step` under the paper's fine-tuning recipe: SGD
    momentum, clipping, schedule) and inference, ViT-B/16, bf16 (and f32);
 4. timm's ViT-B/16 of the same shape: eager with AMP bf16 (timm's fused
    SDPA attention), f32 with TF32 and `torch.compile`, the same SGD-momentum
    step (no clipping: timm users' plain loop);
-5. a profile of the 224 and 384 train steps (`worker_profile`): device
-   time per step by op class (matmul, attention, copies, fusions) and the
-   top ops, with the optimised HLO written next to the results; then, if
-   a layout variant beat the model's own in the probe, both train steps
-   with it;
-6. the block probes: ViT-B's attention layer, MLP and whole encoder block,
+5. vit_jax's train steps again at the other token paddings
+   (`STEP_PAD_CANDIDATES`): the pad also sets how many tokens the q/k/v
+   and out projections run on (`vit.fused_attention`), so the attention
+   probe alone cannot pick it;
+6. a profile of the 224 and 384 train steps (`worker_profile`, CUDA-graph
+   command buffers off so each op shows): device time per step by op class
+   (matmul, attention, copies, fusions) and the top ops, with the optimised
+   HLO written next to the results;
+7. the block probes: ViT-B's attention layer, MLP and whole encoder block,
    fwd+bwd at 197 and 577 tokens, vit_jax's modules against timm's (eager;
    the block also compiled): which part the gap to timm is in;
-7. the training loop itself (`python -m vit_jax.main`, `dataset=synthetic`)
+8. the training loop itself (`python -m vit_jax.main`, `dataset=synthetic`)
    at the step's shape: its logged images/sec over the benchmark step's;
-8. the rest: the einsum attention at 384, f32, ViT-L/16 and ViT-H/14 at
+9. the rest: the einsum attention at 384, f32, ViT-L/16 and ViT-H/14 at
    384 with per-block remat (peak memory of a 32- and a 16-image micro-batch
    step: what batch 512 through accumulation needs), then the ablations
    two runs settled (einsum attention at 224, `XLA_FLAG_VARIANTS`).
@@ -94,7 +97,10 @@ XLA_FLAG_VARIANTS = ['--xla_gpu_triton_gemm_any=true', '--xla_gpu_enable_cudnn_l
 SMOKE_JAX = [('Ti16-32-train-f32', 'ViT-Ti_16', 32, 4, True, 'float32', {}),
              ('Ti16-32-infer-f32', 'ViT-Ti_16', 32, 8, False, 'float32', {})]
 SMOKE_TORCH = [('Ti16-32-train-f32', 32, 4, True, 'float32', False)]
-PAD_CANDIDATES = (1, 64, 128)   # 16 was never faster (two H100 runs)
+PAD_CANDIDATES = (1, 64, 128)   # 16 was never faster for the attention alone (two H100 runs)
+# The pad also sets the projections' token count (197 -> 208 or 256 tokens):
+# the whole train steps at these (and the run's pad) say which is faster.
+STEP_PAD_CANDIDATES = (16, 64)
 SHAPES = {  # model -> (patch, width, mlp, layers, heads)
     'ViT-Ti_16': (16, 192, 768, 12, 3), 'ViT-B_16': (16, 768, 3072, 12, 12),
     'ViT-L_16': (16, 1024, 4096, 24, 16), 'ViT-H_14': (14, 1280, 5120, 32, 16)}
@@ -160,55 +166,10 @@ def time_torch(fn: Callable, sync: Callable, repeats: int, warmup: int) -> list[
   return times
 
 
-# Other ways to feed the fused kernel than `vit.fused_attention` (one matmul
-# to (3, B, T, H, hd), then each of q/k/v padded): pad the layer's input
-# once and project straight to the kernel's (B, T, H, hd) layout, with one
-# matmul per q/k/v ('prepad-split') or one for all three ('prepad-fused');
-# the out projection runs on the padded tokens, sliced off last. Fewer
-# copies, a few % more projection FLOPs. `use_layout` swaps one in.
-LAYOUT_VARIANTS = ('prepad-split', 'prepad-fused')
-
-
-def attention_variant(x, w, b, out_w, out_b, *, implementation: str, variant: str,
-                      multiple: int):
-  """`vit.fused_attention` computed the `variant` way (LAYOUT_VARIANTS)."""
-  import jax
-  import jax.numpy as jnp
-  t = x.shape[1]
-  xp = jnp.pad(x, ((0, 0), (0, -(-t // multiple) * multiple - t), (0, 0)))
-  if variant == 'prepad-split':
-    q, k, v = (jnp.einsum('btd,dhe->bthe', xp, w[:, i]) + b[i] for i in range(3))
-  elif variant == 'prepad-fused':
-    qkv = jnp.einsum('btd,dkhe->btkhe', xp, w) + b
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-  else:
-    raise ValueError(f'variant must be one of {LAYOUT_VARIANTS}, got {variant!r}')
-  lengths = jnp.full((x.shape[0],), t, jnp.int32)
-  out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths,
-                                     key_value_seq_lengths=lengths,
-                                     implementation=implementation)
-  return (jnp.einsum('bthe,hed->btd', out, out_w) + out_b)[:, :t]
-
-
-def use_layout(layout: str | None, multiple: int) -> None:
-  """Makes every later trace of the model feed the kernel the `layout` way
-  (None: the model's own `vit.fused_attention`)."""
-  import functools
-  from vit_jax.models import vit
-  vit.fused_attention = (_MODEL_FUSED_ATTENTION.setdefault('fn', vit.fused_attention)
-                         if layout is None else
-                         functools.partial(attention_variant, variant=layout, multiple=multiple))
-
-
-_MODEL_FUSED_ATTENTION: dict = {}
-
-
 def worker_attention_probe(smoke: bool) -> None:
   """Forward+backward of one attention layer (the model's own module, its q/k/v
   and out projections included) at 197 and 577 tokens: the einsum path, and
-  the cuDNN kernel at each token padding (which pads it accepts, how fast),
-  then the LAYOUT_VARIANTS at pad 64 (max_diff: their output against the
-  module's)."""
+  the cuDNN kernel at each token padding (which pads it accepts, how fast)."""
   import jax
   import jax.numpy as jnp
   from vit_jax.models import vit
@@ -216,9 +177,8 @@ def worker_attention_probe(smoke: bool) -> None:
   batch, heads, hd = (2, 2, 8) if smoke else (64, 12, 64)
   for t in (197, 577):
     x = jax.random.normal(jax.random.key(t), (batch, t, heads * hd), jnp.bfloat16)
-    for multiple in ('einsum',) + PAD_CANDIDATES + LAYOUT_VARIANTS:
+    for multiple in ('einsum',) + PAD_CANDIDATES:
       einsum = multiple == 'einsum'
-      layout = multiple if multiple in LAYOUT_VARIANTS else None
       layer = vit.MultiHeadDotProductAttention(
           num_heads=heads, dtype=jnp.bfloat16, attention='einsum' if einsum else impl)
       params = layer.init(jax.random.key(0), x, deterministic=True)
@@ -226,19 +186,11 @@ def worker_attention_probe(smoke: bool) -> None:
                  pad_multiple=multiple, implementation='einsum' if einsum else impl)
       try:
         if not einsum:
-          vit.ATTENTION_PAD_MULTIPLE = 64 if layout else multiple
-        use_layout(layout, 64)
+          vit.ATTENTION_PAD_MULTIPLE = multiple
         rec['ms'] = fwd_bwd_ms(lambda p, x, layer=layer: layer.apply(p, x, deterministic=True),
                                params, x)
-        if layout:
-          out = layer.apply(params, x, deterministic=True).astype(jnp.float32)
-          use_layout(None, 64)
-          ref = layer.apply(params, x, deterministic=True).astype(jnp.float32)
-          rec['max_diff'] = float(jnp.max(jnp.abs(out - ref)))
-          rec['ref_max'] = float(jnp.max(jnp.abs(ref)))
       except Exception as e:  # noqa: BLE001 - a refused shape is a finding
         rec['error'] = f'{type(e).__name__}: {e}'[:300]
-      use_layout(None, 64)
       emit(rec)
 
 
@@ -257,10 +209,12 @@ def worker_jax(cases: list, repeats: int, pad_multiple: int, xla_flags: str = ''
                model=model_name, res=res, batch=batch, train=train, dtype=dtype,
                variant=variant, pad_multiple=pad_multiple, xla_flags=xla_flags)
     try:
-      use_layout(variant.get('layout'), pad_multiple)   # 'layout': see LAYOUT_VARIANTS
+      # 'pad_multiple' in a variant overrides the run's padding for that case.
+      vit.ATTENTION_PAD_MULTIPLE = variant.get('pad_multiple', pad_multiple)
+      rec['pad_multiple'] = vit.ATTENTION_PAD_MULTIPLE
       model, variables = benchmark.build(
           model_name, num_classes=1000, resolution=res, dtype=dtype,
-          **{k: v for k, v in variant.items() if k != 'layout'})
+          **{k: v for k, v in variant.items() if k != 'pad_multiple'})
       r = benchmark.benchmark(model, variables, batch=batch, resolution=res, train=train,
                               repeats=repeats, name=name)
       rec.update(img_s=r.images_per_sec, compile_s=r.compile_s,
@@ -279,9 +233,12 @@ def worker_profile(cases: list, pad_multiple: int, out_dir: str, steps: int = 5)
   """Where a step's device time goes: `steps` steps of each case under
   `jax.profiler.trace`, device time summed per HLO op of the optimised
   program (the program is written to `out_dir`/<case>.hlo.txt.gz to read
-  the fusions), one record per op class and per top op."""
+  the fusions), one record per op class and per top op. CUDA-graph command
+  buffers are turned off: inside one, the trace shows one op for the lot."""
   import gzip
   import tempfile
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                             ' --xla_gpu_enable_command_buffer=').strip()
   import jax
   from vit_jax import benchmark
   from vit_jax.models import vit
@@ -314,7 +271,8 @@ def hlo_ops(hlo: str) -> dict[str, str]:
   import re
   ops = {}
   for line in hlo.splitlines():
-    m = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s+([\w\-]+)\(', line)
+    # A tuple shape '(bf16[..]{..}, s8[..]{..})' has spaces: match it whole.
+    m = re.match(r'\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^=]*?\)|\S+)\s+([\w\-]+)\(', line)
     if not m:
       continue
     name, shape, opcode = m.groups()
@@ -330,7 +288,7 @@ def op_class(desc: str, kernel: str) -> str:
   if 'fmha' in text or 'flash' in text or 'dot_product_attention' in text:
     return 'attention'
   if any(k in text for k in ('gemm', 'cublas', 'matmul', 'xmma', 'nvjet', 'cutlass',
-                             'triton_gemm')):
+                             'triton_gemm', '__cudnn$conv')):
     return 'matmul'
   if 'transpose' in text or 'copy' in text:
     return 'copy/transpose'
@@ -359,13 +317,15 @@ def op_profile(trace_path: str, hlo: str, steps: int, top: int = 25) -> list[dic
     # the trace says); elsewhere (CPU) only XLA's thunks name an hlo_op.
     if e.get('ph') != 'X' or (e['pid'] not in devices if devices else 'hlo_op' not in args):
       continue
-    rec = per_op.setdefault(args.get('hlo_op', e['name']), [0.0, 0, e['name']])
+    rec = per_op.setdefault(args.get('hlo_op', e['name']), [0.0, 0, {}])
     rec[0] += e.get('dur', 0.0)
     rec[1] += 1
+    rec[2][e['name']] = rec[2].get(e['name'], 0.0) + e.get('dur', 0.0)
   total = sum(v[0] for v in per_op.values()) or 1.0
   classes: dict[str, float] = {}
   rows = []
-  for op, (us, n, kernel) in per_op.items():
+  for op, (us, n, kernels) in per_op.items():
+    kernel = max(kernels, key=kernels.get)   # The op's longest-running kernel.
     desc = ops.get(op, '')
     cls = op_class(desc, kernel)
     classes[cls] = classes.get(cls, 0.0) + us
@@ -379,7 +339,7 @@ def op_profile(trace_path: str, hlo: str, steps: int, top: int = 25) -> list[dic
 
 
 # The run's stages, in order (module docstring; `--stages` picks some).
-STAGES = ('peak', 'probe', 'steps', 'timm', 'profile', 'layout', 'blocks', 'loop', 'rest')
+STAGES = ('peak', 'probe', 'steps', 'timm', 'pads', 'profile', 'blocks', 'loop', 'rest')
 BLOCK_PARTS = ('attention', 'mlp', 'block')   # What the block probes time.
 
 
@@ -595,9 +555,8 @@ def table(records: list[dict]) -> str:
     way = lambda r: (f'pad{r["pad_multiple"]}' if isinstance(r['pad_multiple'], int)
                      else r['pad_multiple'])
     lines.append('attention layer fwd+bwd (B=64, 12 heads of 64; einsum, cuDNN by token '
-                 'padding, cuDNN fed the LAYOUT_VARIANTS ways at pad 64): ' + '; '.join(
+                 'padding): ' + '; '.join(
         f'T{r["tokens"]}/{way(r)}: ' + (f'{r["ms"]:.2f} ms' if 'ms' in r else 'refused')
-        + (f' (max diff {r["max_diff"]:.2g} of {r["ref_max"]:.2g})' if 'max_diff' in r else '')
         for r in probes))
     for t in sorted({r['tokens'] for r in probes}):
       timed = [r for r in probes if r['tokens'] == t and 'ms' in r]
@@ -705,15 +664,12 @@ def main(args: cli.Args) -> None:
              args.smoke)
       if not args.smoke:
         worker(worker_torch, 0.5, torch_cases[3:], args.repeats, args.smoke)
+    if want('pads'):   # The train steps at the other paddings, in one process.
+      worker(worker_jax, 0.9, [(f'{c[0]}-pad{m}',) + c[1:6] + ({**c[6], 'pad_multiple': m},)
+                               for m in STEP_PAD_CANDIDATES if m != pad
+                               for c in jax_cases if c[4]], args.repeats, pad)
     if want('profile'):   # Where the train steps' time goes.
       worker(worker_profile, 0.5, [c for c in jax_cases if c[4]][:2], pad, args.out)
-    # The whole train steps with the probe's best other layout, if it beat the
-    # model's own (the smoke run always tries one: its path must work).
-    layout = 'prepad-split' if args.smoke else _best_layout(records)
-    if want('layout') and layout:   # (On CPU the fused path runs only as 'xla'.)
-      extra = {'layout': layout, **({'attention': 'xla'} if args.smoke else {})}
-      worker(worker_jax, 0.5, [(f'{c[0]}-{layout}',) + c[1:6] + ({**c[6], **extra},)
-                               for c in jax_cases if c[4]][:2], args.repeats, pad)
     if want('blocks'):   # The block's parts against timm's at the same shapes.
       worker(worker_block_probe_jax, 0.3, args.smoke, pad)
       worker(worker_block_probe_torch, 0.3, args.smoke, False)
@@ -736,19 +692,6 @@ def main(args: cli.Args) -> None:
   with open(os.path.join(args.out, 'table.txt'), 'w') as f:
     f.write(text + '\n')
   print(f'\n{text}\n(total {time.time() - start:.0f} s)', flush=True)
-
-
-def _best_layout(records: list[dict]) -> str | None:
-  """The LAYOUT_VARIANT whose probe (sum over both token counts) beat the
-  model's own path at the same pad (64), or None."""
-  def total(way):
-    times = [r.get('ms') for r in records
-             if r.get('case', '').startswith('attention-probe') and r['pad_multiple'] == way]
-    return sum(times) if len(times) == 2 and None not in times else None
-  own = total(64)
-  timed = {v: total(v) for v in LAYOUT_VARIANTS if total(v) is not None}
-  best = min(timed, key=timed.get) if timed else None
-  return best if best and own and timed[best] < own else None
 
 
 def _best_pad(records: list[dict]) -> int | None:

@@ -29,26 +29,36 @@ def _cfg(layers=1):
               classifier='token', representation_size=None, resnet=None)
 
 
-def _reference_attention(q, k, v):
-  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+def _reference_attention(x, w, b, out_w, out_b):
+  """The attention layer in float64 numpy, unpadded."""
+  x, w, b, out_w, out_b = (np.asarray(a, np.float64) for a in (x, w, b, out_w, out_b))
+  q, k, v = (np.einsum('btd,dhe->bthe', x, w[:, i]) + b[i] for i in range(3))
   logits = np.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(q.shape[-1])
-  w = np.exp(logits - logits.max(-1, keepdims=True))
-  w /= w.sum(-1, keepdims=True)
-  return np.einsum('bhqk,bkhd->bqhd', w, v)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum('bqhe,hed->bqd', np.einsum('bhqk,bkhe->bqhe', weights, v), out_w) + out_b
 
 
 @pytest.mark.parametrize('tokens', [197, 577])   # ViT-B/16 at 224 and at 384
 @pytest.mark.parametrize('multiple', [1, 64, 128])
-def test_padded_masked_attention_equals_unpadded(tokens, multiple):
-  keys = jax.random.split(jax.random.key(tokens), 3)
-  q, k, v = (jax.random.normal(key, (2, tokens, 2, 8)) for key in keys)
-  out = vit.padded_attention(q, k, v, implementation='xla', pad_multiple=multiple)
-  assert out.shape == q.shape
-  np.testing.assert_allclose(out, _reference_attention(q, k, v), atol=2e-6)
-  if multiple > 1:   # Without the mask the padded keys would change the result.
-    pad = ((0, 0), (0, -(-tokens // multiple) * multiple - tokens), (0, 0), (0, 0))
-    unmasked = jax.nn.dot_product_attention(*(jnp.pad(a, pad) for a in (q, k, v)))[:, :tokens]
-    assert np.abs(np.asarray(unmasked) - np.asarray(out)).max() > 1e-3
+def test_padded_masked_attention_equals_unpadded(tokens, multiple, monkeypatch):
+  d, heads, hd = 16, 2, 8
+  keys = jax.random.split(jax.random.key(tokens), 5)
+  x = jax.random.normal(keys[0], (2, tokens, d))
+  w = jax.random.normal(keys[1], (d, 3, heads, hd)) / np.sqrt(d)
+  b = 0.1 * jax.random.normal(keys[2], (3, heads, hd))
+  out_w = jax.random.normal(keys[3], (heads, hd, d)) / np.sqrt(d)
+  out_b = 0.1 * jax.random.normal(keys[4], (d,))
+  out = vit.fused_attention(x, w, b, out_w, out_b, implementation='xla', pad_multiple=multiple)
+  assert out.shape == x.shape
+  np.testing.assert_allclose(out, _reference_attention(x, w, b, out_w, out_b), atol=5e-6)
+  if multiple > 1:   # Without the mask the padded keys (projected to the bias) would count.
+    unmasked = jax.nn.dot_product_attention
+    monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                        lambda q, k, v, **_: unmasked(q, k, v, implementation='xla'))
+    wrong = vit.fused_attention(x, w, b, out_w, out_b, implementation='xla',
+                                pad_multiple=multiple)
+    assert np.abs(np.asarray(wrong) - np.asarray(out)).max() > 1e-3
 
 
 @pytest.mark.parametrize('grid', [14, 24])   # 197 and 577 tokens

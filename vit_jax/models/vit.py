@@ -218,43 +218,33 @@ def _resolve_attention(attention: str, dtype: Dtype) -> str:
   return 'cudnn' if half and capability is not None and capability >= (8, 0) else 'einsum'
 
 
-def padded_attention(q: Array, k: Array, v: Array, *, implementation: str,
-                     pad_multiple: int | None = None) -> Array:
-  """softmax(q k^T / sqrt(hd)) v through `jax.nn.dot_product_attention`.
-
-  q, k, v: (B, T, H, hd). The token axis is padded to a multiple of
-  `pad_multiple` (default ATTENTION_PAD_MULTIPLE), the padded keys are masked
-  by their length, and the padded queries are sliced off the output, so the
-  result equals unpadded attention. `implementation` is 'cudnn' (flash
-  attention on NVIDIA GPUs) or 'xla' (the same maths on any backend; the CPU
-  tests check it against the einsum path).
-  """
-  b, t = q.shape[:2]
-  multiple = pad_multiple or ATTENTION_PAD_MULTIPLE
-  padded = -(-t // multiple) * multiple
-  if padded != t:
-    pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
-    q, k, v = (jnp.pad(a, pad) for a in (q, k, v))
-  lengths = jnp.full((b,), t, jnp.int32)
-  out = jax.nn.dot_product_attention(
-      q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-      implementation=implementation)
-  return out[:, :t]
-
-
 def fused_attention(x: Array, w: Array, b: Array, out_w: Array, out_b: Array, *,
-                    implementation: str) -> Array:
-  """The attention layer through `padded_attention`: x (B, T, D), q/k/v
-  kernels stacked as w (D, 3, heads, head_dim) and b (3, heads, head_dim),
-  the out projection out_w (heads, head_dim, D), out_b (D,) -> (B, T, D).
+                    implementation: str, pad_multiple: int | None = None) -> Array:
+  """The attention layer through `jax.nn.dot_product_attention`: x (B, T, D),
+  q/k/v kernels stacked as w (D, 3, heads, head_dim) and b (3, heads,
+  head_dim), the out projection out_w (heads, head_dim, D), out_b (D,) ->
+  (B, T, D); softmax(q k^T / sqrt(head_dim)) v, as the einsum path.
 
-  One matmul for q, k and v, written token-major (3, B, T, heads, head_dim):
-  the layout jax.nn.dot_product_attention takes. (benchmarks/gpu_vs_timm.py
-  times other ways to feed the kernel against this one.)
+  The token axis of x is padded once to a multiple of `pad_multiple`
+  (default ATTENTION_PAD_MULTIPLE; cuDNN takes no other length), projected
+  by one matmul straight into the kernel's (B, T, 3, heads, head_dim) layout,
+  the padded keys are masked by their length, and the padding is sliced off
+  after the out projection, so the result equals unpadded attention. On an
+  H100 this is 6-7% faster for the ViT-B/16 train step than padding q, k and
+  v after a heads-major projection (fewer layout copies, benchmarks/RESULTS.md),
+  despite the projections running on the padded tokens. `implementation` is
+  'cudnn' (flash attention on NVIDIA GPUs) or 'xla' (the same maths on any
+  backend; the CPU tests check it against the einsum path).
   """
-  qkv = jnp.einsum('btd,dkhe->kbthe', x, w) + b[:, None, None]
-  out = padded_attention(qkv[0], qkv[1], qkv[2], implementation=implementation)
-  return jnp.einsum('bthe,hed->btd', out, out_w) + out_b
+  t = x.shape[1]
+  multiple = pad_multiple or ATTENTION_PAD_MULTIPLE
+  x = jnp.pad(x, ((0, 0), (0, -(-t // multiple) * multiple - t), (0, 0)))
+  qkv = jnp.einsum('btd,dkhe->btkhe', x, w) + b
+  lengths = jnp.full((x.shape[0],), t, jnp.int32)
+  out = jax.nn.dot_product_attention(
+      qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], query_seq_lengths=lengths,
+      key_value_seq_lengths=lengths, implementation=implementation)
+  return (jnp.einsum('bthe,hed->btd', out, out_w) + out_b)[:, :t]
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -265,7 +255,7 @@ class MultiHeadDotProductAttention(nn.Module):
   SL-ViT (Lee et al. 2021): a learnable temperature (init sqrt(head_dim)) and
   the diagonal (each token's attention to itself) masked out.
 
-  `attention` picks the kernel (ATTENTIONS): the fused `padded_attention`
+  `attention` picks the kernel (ATTENTIONS): `fused_attention`
   needs no attention weights, so the einsum path is kept for `locality` and
   `relative`, for attention dropout at train time, and whenever the caller
   asks for the `intermediates` collection (the analysis tools read the weights).
