@@ -97,7 +97,7 @@ XLA_FLAG_VARIANTS = ['--xla_gpu_triton_gemm_any=true', '--xla_gpu_enable_cudnn_l
 SMOKE_JAX = [('Ti16-32-train-f32', 'ViT-Ti_16', 32, 4, True, 'float32', {}),
              ('Ti16-32-infer-f32', 'ViT-Ti_16', 32, 8, False, 'float32', {})]
 SMOKE_TORCH = [('Ti16-32-train-f32', 32, 4, True, 'float32', False)]
-PAD_CANDIDATES = (1, 64, 128)   # 16 was never faster for the attention alone (two H100 runs)
+PAD_CANDIDATES = (1, 16, 64, 128)   # What the probe tries (the layer, projections included).
 # The pad also sets the projections' token count (197 -> 208 or 256 tokens):
 # the whole train steps at these (and the run's pad) say which is faster.
 STEP_PAD_CANDIDATES = (16, 64)

@@ -95,6 +95,25 @@ def test_attention_weights_requested_use_the_einsum_path():
   np.testing.assert_allclose(out, model.apply({'params': params}, x), atol=2e-6)
 
 
+def test_auto_attention_falls_back_to_einsum_where_the_kernel_refuses(monkeypatch):
+  """'auto' on a GPU whose cuDNN refuses the shape runs the einsum path (same
+  output); naming the kernel raises instead."""
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  einsum = models.get_model(_cfg(), num_classes=5, attention='einsum')
+  params = {'params': einsum.init(jax.random.key(0), x)['params']}
+  expected = einsum.apply(params, x)
+
+  def refuse(*args, **kwargs):
+    raise NotImplementedError('Unsupported sequence length Q 5, KV 5.')
+  monkeypatch.setattr(vit, '_resolve_attention', lambda attention, dtype: 'cudnn')   # A GPU.
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', refuse)
+  auto = models.get_model(_cfg(), num_classes=5, attention='auto')
+  np.testing.assert_array_equal(auto.apply(params, x), expected)
+  cudnn = models.get_model(_cfg(), num_classes=5, attention='cudnn')
+  with pytest.raises(NotImplementedError, match='Unsupported sequence length'):
+    cudnn.apply(params, x)
+
+
 def test_auto_attention_and_dtype_resolution_on_cpu():
   assert vit._resolve_attention('auto', jnp.bfloat16) == 'einsum'   # No GPU here.
   assert vit._resolve_attention('cudnn', jnp.float32) == 'cudnn'

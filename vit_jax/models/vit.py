@@ -32,8 +32,10 @@ POSEMBS = ('learn', 'learn2d', 'rel', 'sincos2d', 'none')
 # 'auto': cuDNN flash attention where it applies (GPU, bf16/fp16), else einsum.
 ATTENTIONS = ('auto', 'einsum', 'xla', 'cudnn')
 # The cuDNN kernel wants the token axis padded: ViT's 197 / 577 tokens become
-# 256 / 640, the padded keys masked through `key_value_seq_lengths`.
-ATTENTION_PAD_MULTIPLE = 64
+# 208 / 592, the padded keys masked through `key_value_seq_lengths`. 16, not
+# 64 or 128: the q/k/v and out projections run on the padded tokens too (one
+# H100, ViT-B/16 train step: +4.5% at 224 over 64, +0.6% at 384; RESULTS.md).
+ATTENTION_PAD_MULTIPLE = 16
 # Rematerialisation policies for `remat` (besides 'full': save nothing).
 REMAT_POLICIES = ('full', 'dots_saveable', 'dots_with_no_batch_dims_saveable',
                   'nothing_saveable', 'everything_saveable')
@@ -259,6 +261,9 @@ class MultiHeadDotProductAttention(nn.Module):
   needs no attention weights, so the einsum path is kept for `locality` and
   `relative`, for attention dropout at train time, and whenever the caller
   asks for the `intermediates` collection (the analysis tools read the weights).
+  With 'auto', a shape the cuDNN kernel refuses (NotImplementedError: e.g. a
+  head dim it does not take on this GPU) also runs the einsum path; a kernel
+  named explicitly raises.
 
   `relative=True` is the paper's 1-D relative attention (App. D.4): every
   offset q - k of the raster order (class token first) has a learned key
@@ -292,8 +297,12 @@ class MultiHeadDotProductAttention(nn.Module):
     dropout = not deterministic and self.dropout_rate > 0
     if (impl != 'einsum' and not self.locality and not self.relative and not dropout
         and not self.is_mutable_collection('intermediates')):
-      return fused_attention(x.astype(self.dtype), w, b, o_w.astype(self.dtype),
-                             o_b.astype(self.dtype), implementation=impl)
+      try:
+        return fused_attention(x.astype(self.dtype), w, b, o_w.astype(self.dtype),
+                               o_b.astype(self.dtype), implementation=impl)
+      except NotImplementedError:   # The kernel refused this shape, GPU or cuDNN:
+        if self.attention != 'auto':   # 'auto' means "cuDNN where it runs".
+          raise
 
     # One fused matmul for q, k and v, written heads-major (k, b, h, t, e) so
     # the two attention matmuls below have leading batch dims (b, h) and need
