@@ -181,11 +181,12 @@ def test_gpu_vs_timm_smoke_runs_every_worker(tmp_path):
     for multiple in g.PAD_CANDIDATES:   # 'xla' stands in for cuDNN
       assert cases[f'attention-probe-T{t}-{multiple}']['ms'] > 0
   jax_rows = [r for r in records if r['framework'] == 'jax' and 'img_s' in r]
-  pad = cases['Ti16-32-train-f32']['pad_multiple']   # The probe's fastest.
-  assert {r['case'] for r in jax_rows} == {
+  rows = {r['case']: r for r in jax_rows}
+  pad = rows['Ti16-32-train-f32']['pad_multiple']   # The probe's fastest.
+  assert set(rows) == {
       'Ti16-32-train-f32', 'Ti16-32-infer-f32', 'Ti16-32-train-f32 +triton_gemm_any=true',
       *(f'Ti16-32-train-f32-pad{m}' for m in g.STEP_PAD_CANDIDATES if m != pad)}
-  assert all(cases[f'Ti16-32-train-f32-pad{m}']['pad_multiple'] == m
+  assert all(rows[f'Ti16-32-train-f32-pad{m}']['pad_multiple'] == m
              for m in g.STEP_PAD_CANDIDATES if m != pad)
   loop = next(r for r in records if r['framework'] == 'loop')
   assert loop['img_s'] > 0
