@@ -2,6 +2,8 @@
 a direct solve of the same ridge problem, leave-one-out against brute force,
 and a separable case that must score 100%."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -248,3 +250,47 @@ def test_cli_on_a_folder_of_jpegs(tmp_path, capsys):
       bundle.module)
   assert out == ev.run(bundle.params)
   assert 0.5 <= out['fewshot/data_5shot'] <= 1.0, out   # Two colours: easy.
+
+
+def test_undecodable_images_are_listed_or_left_out(tmp_path, capsys):
+  """A folder with a corrupt file among the drawn shots and one in the test
+  split: without --skip_bad_images the CLI stops naming both (one error, no
+  traceback); with it, both are left out, every class still gets its shots,
+  and the accuracy equals the run on the same folder without those files."""
+  import shutil
+
+  import jax
+  from PIL import Image
+
+  from vit_jax import checkpoint, hub, models
+  model = models.get_model('testing', num_classes=10)
+  params = jax.jit(model.init)(jax.random.PRNGKey(2), np.zeros((1, 32, 32, 3), np.float32))['params']
+  checkpoint.save(params, str(tmp_path / 'm.npz'))
+  rng = np.random.default_rng(0)
+  for split, n in (('train', 3), ('test', 3)):
+    for c, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+      (tmp_path / 'clean' / split / f'c{c}').mkdir(parents=True)
+      for i in range(n):
+        pixels = np.clip(rng.normal(colour, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / 'clean' / split / f'c{c}' / f'{i}.png')
+  shutil.copytree(tmp_path / 'clean', tmp_path / 'dirty')
+  for bad in ('train/c0/0_bad.png', 'test/c1/9_bad.png'):   # 3 shots of 3 (+1 bad): drawn.
+    (tmp_path / 'dirty' / bad).write_bytes(b'not a png')
+  args = [f'--checkpoint={tmp_path}/m.npz', '--model=testing', '--image_size=16',
+          '--shots=1,3', '--seeds=0,1', '--json']
+  assert fewshot.main([*args, f'--dataset=folder:{tmp_path}/dirty']) == 1
+  err = capsys.readouterr().err
+  assert '2 image file(s) cannot be decoded' in err and 'Traceback' not in err
+  assert '0_bad.png' in err and '9_bad.png' in err and '--skip_bad_images' in err
+  assert fewshot.main([*args, f'--dataset=folder:{tmp_path}/dirty', '--skip_bad_images']) == 0
+  import json
+  dirty = json.loads(capsys.readouterr().out)
+  assert fewshot.main([*args, f'--dataset=folder:{tmp_path}/clean']) == 0
+  clean = json.loads(capsys.readouterr().out)
+  assert dirty['results'] == clean['results']   # Same draw, same features, same fits.
+  bundle = hub.load(f'{tmp_path}/m.npz', model='testing', image_size=16)
+  ev = evaluators.FewShotEvaluator(   # The loop's way: the entry asks for it.
+      {'dataset': f'folder:{tmp_path}/dirty', 'image_size': 16, 'shots': (1, 3), 'seeds': (0, 1),
+       'skip_bad_images': True}, bundle.module)
+  assert list(ev.run(bundle.params).values()) == list(clean['metrics'].values())
+  assert sorted(os.path.basename(p) for p in ev._skipped) == ['0_bad.png', '9_bad.png']

@@ -96,7 +96,8 @@ KEYS: tuple[tuple[str, tuple[type, ...] | None, str], ...] = (
     ('eval_every', _INT + _NONE, "steps between runs of the built-in 'test' evaluator "
      '(0/None: only at the end)'),
     ('evals', _DICT + _NONE, 'more evaluators by name, each with a type (classification, '
-     'fewshot) and its own every (vit_jax/evaluators.py)'),
+     'fewshot) and its own every (vit_jax/evaluators.py); fewshot entries take '
+     'skip_bad_images too (default: this config\'s)'),
     ('checkpoint_every', _INT + _NONE, 'steps between orbax checkpoints (and at the end)'),
     ('keep_checkpoints', _INT + _NONE, 'checkpoints kept; None keeps all'),
     ('mesh', _DICT + _NONE, 'data (-1 = all devices), fsdp (>1 shards params and optimizer '

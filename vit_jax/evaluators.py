@@ -24,6 +24,7 @@ A config adds evaluators by name::
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,6 +39,8 @@ from vit_jax.images import CROP_FRACTION
 from vit_jax.models.vit import config_value
 from vit_jax.linear_probe import (DEFAULT_L2_REGS, DEFAULT_SHOTS, FewShotError, ShotResult,
                                   fewshot_accuracies, results_to_metrics, sample_shots)
+
+logger = logging.getLogger(__name__)
 
 TYPES = ('classification', 'fewshot')
 BUILT_IN = 'test'  # The classification evaluator of config.test_split.
@@ -234,7 +237,7 @@ class FewShotEvaluator:
   ``run(params)`` returns e.g. {'fewshot/cifar10_5shot': 0.87, ...}.
   """
 
-  def __init__(self, fewshot_config: Any, model: Any):
+  def __init__(self, fewshot_config: Any, model: Any, *, skip_bad_images: bool = False):
     for key in ('dataset', 'image_size'):
       if _cfg(fewshot_config, key) is None:
         raise FewShotError(f'config.evals.<name>.{key} is required for a fewshot evaluator.')
@@ -249,6 +252,10 @@ class FewShotEvaluator:
     self._fn = make_representation_fn(model, _cfg(fewshot_config, 'representation'),
                                       _cfg(fewshot_config, 'pool'))
     self._jitted = {}
+    # The entry's own skip_bad_images, else the caller's (the loop: the config's).
+    self.skip_bad_images = bool(config_value(fewshot_config, 'skip_bad_images',
+                                             skip_bad_images))
+    self._skipped: frozenset[str] = frozenset()   # Undecodable files left out.
     self.last_results: dict[int, ShotResult] | None = None
 
   # -- data -----------------------------------------------------------------
@@ -260,7 +267,7 @@ class FewShotEvaluator:
         'dataset': _cfg(c, 'dataset'), 'train_split': _cfg(c, 'train_split'),
         'test_split': _cfg(c, 'test_split'), 'tfds_data_dir': _cfg(c, 'tfds_data_dir'),
         'image_size': _cfg(c, 'image_size'), 'batch_size': self.batch_size,
-        'batch_size_eval': self.batch_size, 'seed': 0,
+        'batch_size_eval': self.batch_size, 'seed': 0, 'skipped_images': sorted(self._skipped),
         'pp': {'eval': _cfg(c, 'pp_eval'), 'crop_fraction': float(_cfg(c, 'crop_fraction'))}})
 
   def _source(self, split: str):
@@ -268,7 +275,36 @@ class FewShotEvaluator:
     c = self.config
     return input_pipeline.load_source(
         _cfg(c, 'dataset'), split, train_split=_cfg(c, 'train_split'),
-        data_dir=_cfg(c, 'tfds_data_dir'))
+        data_dir=_cfg(c, 'tfds_data_dir'), exclude=self._skipped)
+
+  def _pool(self, num_shots: int):
+    """(train source, its rows of every seed's draw), the files those rows and
+    the test split read decoded first: undecodable ones stop the run, all
+    listed, or with `skip_bad_images` are left out of the split (the draw is
+    redone without them, so every class still gets its shots)."""
+    from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    test = self._source(_cfg(self.config, 'test_split'))
+    to_check = [str(p) for p in test.data] if test.kind == 'files' else []
+    while True:
+      train = self._source(_cfg(self.config, 'train_split'))
+      if train.labels is None:
+        raise FewShotError(f'{train.description} is streamed (too large to hold in memory); '
+                           f'few-shot needs random access: use a smaller train_split slice.')
+      rows = np.unique(np.concatenate([
+          sample_shots(train.labels, len(train.class_names), num_shots, s) for s in self.seeds]))
+      if train.kind == 'files':
+        to_check += [str(p) for p in train.data[rows]]
+      bad = input_pipeline.check_images(sorted(set(to_check) - self._skipped), None)
+      if not bad:
+        return train, rows
+      if not self.skip_bad_images:
+        raise ValueError(input_pipeline.bad_images_message(
+            bad, 'skip_bad_images=True in the few-shot config (python -m vit_jax.fewshot: '
+            '--skip_bad_images)'))
+      logger.warning('Few-shot %s: leaving out %d undecodable image file(s):\n%s', self.name,
+                     len(bad), '\n'.join(f'  {p}: {r}' for p, r in sorted(bad.items())))
+      self._skipped |= frozenset(bad)
+      to_check = []
 
   def _subset_batches(self, source, indices: np.ndarray):
     """Batches (images, labels) of the given examples, eval preprocessing."""
@@ -332,13 +368,8 @@ class FewShotEvaluator:
     variables = {'params': params}
     if batch_stats is not None:
       variables['batch_stats'] = batch_stats
-    train = self._source(_cfg(self.config, 'train_split'))
+    train, rows = self._pool(max(self.shots))
     num_classes = len(train.class_names)
-    if train.labels is None:
-      raise FewShotError(f'{train.description} is streamed (too large to hold in memory); '
-                         f'few-shot needs random access: use a smaller train_split slice.')
-    rows = np.unique(np.concatenate([
-        sample_shots(train.labels, num_classes, max(self.shots), s) for s in self.seeds]))
     x_pool = np.concatenate([self._features(variables, im)
                              for im, _ in self._subset_batches(train, rows)])
     xs, ys = [], []
@@ -387,7 +418,8 @@ def from_config(config: Any, model: Any, *, objective: Any = None,
       evals.append(ClassificationEvaluator(name, config, model, every=entry.get('every', 0),
                                            split=entry['split'], **kw))
     elif kind == 'fewshot':
-      evals.append(FewShotEvaluator(entry, model))
+      evals.append(FewShotEvaluator(entry, model,
+                                    skip_bad_images=bool(config.get('skip_bad_images'))))
     else:
       raise ConfigError(f'config.evals.{name}.type must be one of {", ".join(TYPES)}, '
                         f'got {kind!r}.')

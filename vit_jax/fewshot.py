@@ -50,6 +50,8 @@ def define_flags(fv: flags.FlagValues) -> None:
   flags.DEFINE_enum('standardize', 'feature', ['feature', 'global'],
                     'Feature standardisation statistics.', flag_values=fv)
   flags.DEFINE_integer('batch_size', 64, 'Images per forward pass.', flag_values=fv)
+  flags.DEFINE_bool('skip_bad_images', False, 'Image folders: leave undecodable files out '
+                    '(listed) instead of stopping with the list.', flag_values=fv)
   flags.DEFINE_bool('json', False, 'Print all results as JSON.', flag_values=fv)
   flags.DEFINE_enum('dtype', 'auto', DTYPES, f"Computation dtype ('auto': {AUTO_DTYPE}).",
                     flag_values=fv)
@@ -72,7 +74,7 @@ def main(args: cli.Args) -> None:
       'seeds': tuple(int(v) for v in _floats(args.seeds)), 'l2_regs': _floats(args.l2_regs),
       'representation': args.representation, 'pool': args.pool, 'standardize': args.standardize,
       'batch_size': args.batch_size, 'pp_eval': bundle.pp_eval, 'crop_fraction': bundle.crop_fraction}
-  evaluator = FewShotEvaluator(config, bundle.module)
+  evaluator = FewShotEvaluator(config, bundle.module, skip_bad_images=args.skip_bad_images)
   metrics = evaluator.run(bundle.params)
   results = evaluator.last_results
   if args.json:

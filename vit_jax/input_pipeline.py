@@ -758,11 +758,12 @@ def _check_images(paths: list[str], cache_dir: str | None, threads: int | None,
   return bad
 
 
-def bad_images_message(bad: dict[str, str]) -> str:
+def bad_images_message(bad: dict[str, str],
+                       skip_flag: str = '--config.skip_bad_images=True') -> str:
   """All undecodable files, one per line, and the two ways forward."""
   lines = [f'  {path}: {reason}' for path, reason in sorted(bad.items())]
   return (f'{len(bad)} image file(s) cannot be decoded:\n' + '\n'.join(lines) +
-          '\nDelete or re-save them, or leave them out: --config.skip_bad_images=True.')
+          f'\nDelete or re-save them, or leave them out: {skip_flag}.')
 
 
 # ----------------------------------------------------------------------------
