@@ -220,25 +220,34 @@ def test_cli_json_equals_evaluator(tmp_path, capsys):
   assert float(row.split()[1]) == pytest.approx(out['metrics']['fewshot/digits_5shot'], abs=1e-4)
 
 
+def _checkpoint_and_two_colour_folder(tmp_path, name, *, train, test, shape, ext):
+  """tmp_path/m.npz (the 'testing' preset) and tmp_path/<name>/{train,test}/c{0,1}:
+  noisy red and blue images, `train` and `test` per class."""
+  import jax
+  from PIL import Image
+
+  from vit_jax import checkpoint, models
+  model = models.get_model('testing', num_classes=10)
+  params = jax.jit(model.init)(jax.random.PRNGKey(2), np.zeros((1, 32, 32, 3), np.float32))['params']
+  checkpoint.save(params, str(tmp_path / 'm.npz'))
+  rng = np.random.default_rng(0)
+  for split, n in (('train', train), ('test', test)):
+    for c, colour in enumerate(((200, 30, 30), (30, 30, 200))):
+      (tmp_path / name / split / f'c{c}').mkdir(parents=True)
+      for i in range(n):
+        pixels = np.clip(rng.normal(colour, 40, shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / name / split / f'c{c}' / f'{i}.{ext}')
+
+
 def test_cli_on_a_folder_of_jpegs(tmp_path, capsys):
   """The CLI passes the model's (h, w) resolution to the folder pipeline, whose
   JPEG decoding picks its DCT scale from it: the same numbers as an int size."""
   import json
 
-  import jax
-  from PIL import Image
-
-  from vit_jax import checkpoint, hub, models
-  model = models.get_model('testing', num_classes=10)
-  params = jax.jit(model.init)(jax.random.PRNGKey(2), np.zeros((1, 32, 32, 3), np.float32))['params']
-  checkpoint.save(params, str(tmp_path / 'm.npz'))
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 6), ('test', 3)):
-    for c, colour in enumerate(((200, 30, 30), (30, 30, 200))):
-      (tmp_path / 'data' / split / f'c{c}').mkdir(parents=True)
-      for i in range(n):   # Large enough for a reduced DCT scale at 16px.
-        pixels = np.clip(rng.normal(colour, 40, (160, 200, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(tmp_path / 'data' / split / f'c{c}' / f'{i}.jpg')
+  from vit_jax import hub
+  # Images large enough for a reduced DCT scale at 16px.
+  _checkpoint_and_two_colour_folder(tmp_path, 'data', train=6, test=3, shape=(160, 200, 3),
+                                    ext='jpg')
   args = [f'--checkpoint={tmp_path}/m.npz', '--model=testing', f'--dataset=folder:{tmp_path}/data',
           '--image_size=16', '--shots=1,5', '--seeds=0', '--json']
   assert fewshot.main(args) == 0
@@ -259,20 +268,9 @@ def test_undecodable_images_are_listed_or_left_out(tmp_path, capsys):
   and the accuracy equals the run on the same folder without those files."""
   import shutil
 
-  import jax
-  from PIL import Image
-
-  from vit_jax import checkpoint, hub, models
-  model = models.get_model('testing', num_classes=10)
-  params = jax.jit(model.init)(jax.random.PRNGKey(2), np.zeros((1, 32, 32, 3), np.float32))['params']
-  checkpoint.save(params, str(tmp_path / 'm.npz'))
-  rng = np.random.default_rng(0)
-  for split, n in (('train', 3), ('test', 3)):
-    for c, colour in enumerate(((200, 30, 30), (30, 30, 200))):
-      (tmp_path / 'clean' / split / f'c{c}').mkdir(parents=True)
-      for i in range(n):
-        pixels = np.clip(rng.normal(colour, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(tmp_path / 'clean' / split / f'c{c}' / f'{i}.png')
+  from vit_jax import hub
+  _checkpoint_and_two_colour_folder(tmp_path, 'clean', train=3, test=3, shape=(24, 24, 3),
+                                    ext='png')
   shutil.copytree(tmp_path / 'clean', tmp_path / 'dirty')
   for bad in ('train/c0/0_bad.png', 'test/c1/9_bad.png'):   # 3 shots of 3 (+1 bad): drawn.
     (tmp_path / 'dirty' / bad).write_bytes(b'not a png')
