@@ -215,6 +215,10 @@ def worker_jax(cases: list, repeats: int, pad_multiple: int, xla_flags: str = ''
       model, variables = benchmark.build(
           model_name, num_classes=1000, resolution=res, dtype=dtype,
           **{k: v for k, v in variant.items() if k != 'pad_multiple'})
+      # Where a case's wall time goes besides the step's compile (one run had
+      # ~30 s per case outside it): the random init, compiled on the device.
+      jax.block_until_ready(variables)
+      rec['build_s'] = time.time() - t0
       r = benchmark.benchmark(model, variables, batch=batch, resolution=res, train=train,
                               repeats=repeats, name=name)
       rec.update(img_s=r.images_per_sec, compile_s=r.compile_s,
