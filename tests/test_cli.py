@@ -104,6 +104,26 @@ def test_config_overrides_and_none():
   assert args.json is True and args.checkpoint == 'x.npz' and args.dtype is None
 
 
+def test_model_fields_the_config_does_not_list_can_be_overridden():
+  """config.model holds only a config's changes to its preset: any model field
+  (remat, attention, a nested transformer.* key) can still be set from the
+  command line, parsed as a Python literal, next to ordinary overrides."""
+  argv = ['--config=configs/quickstart.py', '--checkpoint=x.npz',
+          '--config.model.remat=dots_with_no_batch_dims_saveable',
+          '--config.model.attention=einsum', '--config.model.transformer.num_layers=2',
+          '--config.model.patches.size=(4, 4)', '--config.model.representation_size=None',
+          '--config.lr.base=0.5']
+  args, _ = _module('evaluate').main.command.parse(argv)
+  model = args.config.model
+  assert model.remat == 'dots_with_no_batch_dims_saveable' and model.attention == 'einsum'
+  assert model.transformer.num_layers == 2 and tuple(model.patches.size) == (4, 4)
+  assert model.representation_size is None and args.config.lr.base == 0.5
+  from vit_jax import config_schema
+  merged = config_schema.model_config(args.config)   # Merged over the preset SmallViT_8.
+  assert merged.transformer.num_layers == 2 and merged.transformer.num_heads == 12
+  assert merged.remat == 'dots_with_no_batch_dims_saveable' and merged.hidden_size == 192
+
+
 def _error(capsys) -> tuple[str, str, str]:
   """(type, message, the whole stderr) of the one ERROR line a failed run printed."""
   err = capsys.readouterr().err
@@ -130,6 +150,14 @@ def _error(capsys) -> tuple[str, str, str]:
     ('analysis', ['--checkpoint=/nonexistent.npz', 'x.jpg'], 'HubError', 'Checkpoint not found'),
     ('evaluate', ['--config=tests/_tiny_config.py', '--checkpoint=x.npz', '--config.bogus=1'],
      'UsageError', "unknown config key 'bogus' in --config.bogus=1; nearest valid keys:"),
+    ('evaluate', ['--config=configs/quickstart.py', '--checkpoint=x.npz',
+                  '--config.model.remta=full'], 'UsageError',
+     "unknown model field 'remta' in --config.model.remta=full; nearest: remat"),
+    ('evaluate', ['--config=configs/quickstart.py', '--checkpoint=x.npz',
+                  '--config.model.hidden_size=wide'], 'UsageError',
+     'model.hidden_size is a number (192), got a string'),
+    ('evaluate', ['--config=configs/quickstart.py', '--checkpoint=x.npz',
+                  '--config.model.dtype=bfloat16'], 'UsageError', 'comes from config.dtype'),
     ('sweep', ['--config=tests/_tiny_config.py'], 'UsageError', 'Flag --workdir must have a value'),
     ('benchmark', ['--batch=two'], 'UsageError', 'flag --batch=two'),
 ])

@@ -118,8 +118,10 @@ class Command:
     """Parses `argv` (no program name); (None, flags) when it asks for --help."""
     argv = [self.prog, *argv]
     nones: list[str] = []
+    model_overrides: list[tuple[str, str]] = []
     if self.config is not None:
       from vit_jax import config_cli  # pylint: disable=g-import-not-at-top
+      argv, model_overrides = config_cli.split_model_overrides(argv)
       argv, nones = config_cli.split_none_overrides(argv)
     fv = flags.FlagValues()
     if self.config is not None:
@@ -148,6 +150,11 @@ class Command:
       except Exception as e:  # pylint: disable=broad-except
         # A config file that does not load fails in any way; all are usage errors.
         raise UsageError(config_cli.command_line_error(argv, e)) from e
+      if fv['config'].value is not None:
+        try:
+          config_cli.set_model_overrides(fv['config'].value, model_overrides)
+        except ValueError as e:
+          raise UsageError(str(e)) from e
     else:
       try:
         rest = fv(argv)

@@ -94,6 +94,94 @@ def split_none_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return rest, nones
 
 
+_MODEL_OVERRIDE = re.compile(r'--config\.model\.([A-Za-z_][\w.]*)=(.*)$', re.S)
+# Model fields the loop sets from the training config itself.
+_MODEL_FIELDS_FROM_CONFIG = {'num_classes': 'config.num_classes', 'dtype': 'config.dtype'}
+
+
+def split_model_overrides(argv: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """`argv` without its `--config.model.<field>=<value>` overrides, and those.
+
+  config.model lists only what a config changes in its preset, so a model
+  field it does not mention (remat, attention, posemb, ...) is no key of it
+  and ml_collections would refuse the override; the caller adds them after
+  loading (`set_model_overrides`).
+  """
+  found = [(m.group(1), m.group(2)) for a in argv[1:] if (m := _MODEL_OVERRIDE.match(a))]
+  return [a for a in argv if not _MODEL_OVERRIDE.match(a)], found
+
+
+def _literal(raw: str, current: Any) -> Any:
+  """A command-line value: a Python literal (12, 0.1, (16, 16), None, True), else a string."""
+  import ast  # pylint: disable=g-import-not-at-top
+  if isinstance(current, bool) and raw.lower() in ('true', 'false'):
+    return raw.lower() == 'true'
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def _kind(value: Any) -> str:
+  if isinstance(value, bool):
+    return 'a bool'
+  if isinstance(value, (int, float)):
+    return 'a number'
+  if isinstance(value, (tuple, list)):
+    return 'a tuple'
+  if isinstance(value, str):
+    return 'a string'
+  return 'a mapping' if hasattr(value, 'keys') else type(value).__name__
+
+
+def set_model_overrides(config: Any, overrides: Sequence[tuple[str, str]]) -> None:
+  """Sets each (field path, raw value) of `split_model_overrides` in
+  config.model. The path's first part must be a model field (of any model
+  class: `presets.model_fields`); a value must be of the kind of the one it
+  replaces (in config.model, else in the preset). ValueError names the key."""
+  if not overrides:
+    return
+  from vit_jax.models import presets  # pylint: disable=g-import-not-at-top
+  fields = presets.model_fields()
+  preset = presets.get_config(config.model_name) if config.get('model_name') else {}
+  for key, raw in overrides:
+    *parents, leaf = key.split('.')
+    arg = f'--config.model.{key}={raw}'
+    if key.split('.')[0] in _MODEL_FIELDS_FROM_CONFIG:
+      raise ValueError(f'{arg}: the model\'s {key} comes from '
+                       f'{_MODEL_FIELDS_FROM_CONFIG[key.split(".")[0]]}; set that instead.')
+    if key.split('.')[0] not in fields:
+      near = difflib.get_close_matches(key.split('.')[0], sorted(fields), n=3, cutoff=0.5)
+      raise ValueError(f'unknown model field {key.split(".")[0]!r} in {arg}; '
+                       f'{"nearest: " + ", ".join(near) if near else "fields: " + ", ".join(sorted(fields))}.')
+    current = _get(config.get('model') or {}, key)
+    if current is None:
+      current = _get(preset, key)
+    value = _literal(raw, current)
+    if current is not None and value is not None and _kind(value) != _kind(current):
+      raise ValueError(f'{arg}: model.{key} is {_kind(current)} ({current!r}), '
+                       f'got {_kind(value)}.')
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    with config.unlocked():
+      if config.get('model') is None:
+        config.model = ml_collections.ConfigDict()
+      node = config.model
+      for part in parents:
+        if part not in node.keys() or node[part] is None:
+          node[part] = ml_collections.ConfigDict()
+        node = node[part]
+      node[leaf] = value
+
+
+def _get(tree: Any, key: str) -> Any:
+  """tree[a][b]... for the path 'a.b...', or None."""
+  for part in key.split('.'):
+    if not hasattr(tree, 'keys') or part not in tree.keys():
+      return None
+    tree = tree[part]
+  return tree
+
+
 def command_line_error(argv: Sequence[str], error: Exception) -> str:
   """One line for an error parsing `argv` (program name first) with `--config`."""
   return describe_error(_base_config(argv), argv[1:], error)

@@ -51,7 +51,8 @@ _DICT = (ml_collections.ConfigDict, dict)
 KEYS: tuple[tuple[str, tuple[type, ...] | None, str], ...] = (
     ('model_name', _STR + _NONE, "preset in vit_jax.models.MODEL_CONFIGS, e.g. 'ViT-B_16'"),
     ('model', _DICT + _NONE, 'ConfigDict merged over the preset (e.g. classifier=\'gap\'); '
-     'may replace it fully'),
+     'may replace it fully; any model field, listed or not, can be set from the command '
+     'line: --config.model.remat=full, --config.model.attention=einsum'),
     ('pretrained_dir', _STR + _NONE, 'where official checkpoints live'),
     ('pretrained_path', _STR + _NONE, 'checkpoint to fine-tune from: a path, URL or official '
      "name (ViT-B_16, imagenet21k+imagenet2012/ViT-B_16, AugReg B_16); None trains from "

@@ -107,6 +107,18 @@ def get_config(model: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(MODEL_CONFIGS[model].to_dict())
 
 
+def model_fields() -> frozenset[str]:
+  """Every field a model config may set: the constructor fields of the model
+  classes (`get_model`'s model_type) and the preset configs' keys."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import resnet_cifar  # pylint: disable=g-import-not-at-top
+  names = {f.name for cls in (vit.VisionTransformer, resnet_cifar.ResNetCifar)
+           for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  for preset in MODEL_CONFIGS:
+    names |= set(get_config(preset).keys())
+  return frozenset(names)
+
+
 def model_kwargs(config: Any) -> dict[str, Any]:
   """Turns a model config (dict or ConfigDict) into constructor kwargs."""
   if isinstance(config, ml_collections.ConfigDict):
