@@ -38,6 +38,10 @@ def test_tiny_hybrid_golden_logits_and_backbone_features():
   np.testing.assert_allclose(inter['backbone_features'], g['backbone_features'], atol=1e-3, rtol=0)
   np.testing.assert_allclose(inter['patch_tokens'], g['patch_tokens'], atol=1e-3, rtol=0)
   np.testing.assert_allclose(inter['encoder_out'], g['encoder_out'], atol=1e-3, rtol=0)
+  # The GPU's attention path ('xla': the cuDNN kernel's maths, padded and masked).
+  fused = vit.VisionTransformer(**cfg, attention='xla')
+  assert np.abs(fused.apply({'params': params}, g['input'], train=False)
+                - g['logits_f64']).max() < 1e-4
 
 
 def test_tiny_hybrid_parameter_tree_is_the_checkpoint_tree():

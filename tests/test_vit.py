@@ -34,6 +34,11 @@ def test_golden_logits_and_intermediates(name):
   assert len(attn) == cfg['transformer']['num_layers']
   assert attn[0].shape == (2, cfg['transformer']['num_heads'], 65, 65)
   np.testing.assert_allclose(np.sum(attn[0], -1), 1, atol=1e-5)
+  # The GPU's path (padded input, one q/k/v matmul, masked keys; 'xla' runs
+  # the cuDNN kernel's maths here) on the same checkpoint: 65 -> 80 tokens.
+  fused = vit.VisionTransformer(**cfg, attention='xla')
+  np.testing.assert_allclose(fused.apply({'params': params}, g['input'], train=False),
+                             g['logits_f64'], atol=1e-4, rtol=0)
 
 
 def test_golden_resized_posemb_matches_original_zoom():
