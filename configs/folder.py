@@ -37,8 +37,8 @@ What the checkpoint decides (vit_jax.config_schema.resolve_config):
     crop + flip), with 8-step gradient accumulation. Expected: on
     flower-like data the paper's 500-step fine-tunes of ViT-B/16 reach ~99%
     (Flowers-102, Table 5). Time, from measured step speeds (not a measured
-    fine-tune): ~4.7 min of steps on one H100 (ViT-B/16 training at 384px in
-    bfloat16: 918 img/s, benchmarks/results/h100-2026-11-26-gpu_vs_timm.txt);
+    fine-tune): ~4.2 min of steps on one H100 (ViT-B/16 training at 384px in
+    bfloat16: 1,008 img/s, benchmarks/results/h100-2026-11-26c-gpu_vs_timm.txt);
     on 2 CPU cores ~0.3 img/s (44x the FLOPs of ViT-Ti/16 at 224px, which
     trains at 13.6 img/s there), i.e. days: not a CPU recipe.
 
