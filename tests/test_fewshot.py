@@ -261,7 +261,7 @@ def test_cli_on_a_folder_of_jpegs(tmp_path, capsys):
   assert 0.5 <= out['fewshot/data_5shot'] <= 1.0, out   # Two colours: easy.
 
 
-def test_undecodable_images_are_listed_or_left_out(tmp_path, capsys):
+def test_undecodable_images_are_listed_or_left_out(tmp_path, capsys, monkeypatch):
   """A folder with a corrupt file among the drawn shots and one in the test
   split: without --skip_bad_images the CLI stops naming both (one error, no
   traceback); with it, both are left out, every class still gets its shots,
@@ -291,4 +291,11 @@ def test_undecodable_images_are_listed_or_left_out(tmp_path, capsys):
       {'dataset': f'folder:{tmp_path}/dirty', 'image_size': 16, 'shots': (1, 3), 'seeds': (0, 1),
        'skip_bad_images': True}, bundle.module)
   assert list(ev.run(bundle.params).values()) == list(clean['metrics'].values())
+  from vit_jax import input_pipeline
+  decoded = []   # A second evaluation (the loop's next one) decodes nothing again.
+  real_check = input_pipeline.check_images
+  monkeypatch.setattr(input_pipeline, 'check_images',
+                      lambda paths, *a, **k: decoded.extend(paths) or real_check(paths, *a, **k))
+  assert list(ev.run(bundle.params).values()) == list(clean['metrics'].values())
+  assert decoded == []
   assert sorted(os.path.basename(p) for p in ev._skipped) == ['0_bad.png', '9_bad.png']

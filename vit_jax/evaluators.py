@@ -256,6 +256,7 @@ class FewShotEvaluator:
     self.skip_bad_images = bool(config_value(fewshot_config, 'skip_bad_images',
                                              skip_bad_images))
     self._skipped: frozenset[str] = frozenset()   # Undecodable files left out.
+    self._decodable: set[str] = set()   # Files checked and fine.
     self.last_results: dict[int, ShotResult] | None = None
 
   # -- data -----------------------------------------------------------------
@@ -279,9 +280,10 @@ class FewShotEvaluator:
 
   def _pool(self, num_shots: int):
     """(train source, its rows of every seed's draw), the files those rows and
-    the test split read decoded first: undecodable ones stop the run, all
-    listed, or with `skip_bad_images` are left out of the split (the draw is
-    redone without them, so every class still gets its shots)."""
+    the test split read decoded first (once per evaluator: the loop's
+    evaluations after the first decode nothing new): undecodable ones stop
+    the run, all listed, or with `skip_bad_images` are left out of the split
+    (the draw is redone without them, so every class still gets its shots)."""
     from vit_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     test = self._source(_cfg(self.config, 'test_split'))
     to_check = [str(p) for p in test.data] if test.kind == 'files' else []
@@ -294,7 +296,9 @@ class FewShotEvaluator:
           sample_shots(train.labels, len(train.class_names), num_shots, s) for s in self.seeds]))
       if train.kind == 'files':
         to_check += [str(p) for p in train.data[rows]]
-      bad = input_pipeline.check_images(sorted(set(to_check) - self._skipped), None)
+      new = sorted(set(to_check) - self._decodable - self._skipped)
+      bad = input_pipeline.check_images(new, None)
+      self._decodable |= set(new) - set(bad)   # Later evaluations decode them once only.
       if not bad:
         return train, rows
       if not self.skip_bad_images:
