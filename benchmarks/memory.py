@@ -53,7 +53,7 @@ def step_memory(model: str, *, resolution: int, batch: int, accum_steps: int = 1
   if batch % accum_steps:
     raise ValueError(f'batch {batch} is not divisible by accum_steps {accum_steps}')
   from vit_jax import optim  # pylint: disable=g-import-not-at-top
-  module = models.get_model(models.get_config(model), num_classes=num_classes, dtype=dtype,
+  module = models.get_model(model, num_classes=num_classes, dtype=dtype,
                             **({'remat': remat} if remat else {}))
   x = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
   params = jax.eval_shape(lambda k: module.init(k, x, train=False), jax.random.key(0))['params']

@@ -32,13 +32,20 @@ def _keys(config: Any, prefix: str = '') -> list[str]:
   return out
 
 
-def _has(config: Any, key: str) -> bool:
-  node = config
+_MISSING = object()
+
+
+def _get(tree: Any, key: str, default: Any = None) -> Any:
+  """tree[a][b]... for the path 'a.b...', or `default` where the path ends."""
   for part in key.split('.'):
-    if not hasattr(node, 'keys') or part not in node.keys():
-      return False
-    node = node[part]
-  return True
+    if not hasattr(tree, 'keys') or part not in tree.keys():
+      return default
+    tree = tree[part]
+  return tree
+
+
+def _has(config: Any, key: str) -> bool:
+  return _get(config, key, _MISSING) is not _MISSING
 
 
 def nearest_keys(config: Any, key: str, n: int = 3) -> list[str]:
@@ -141,18 +148,20 @@ def set_model_overrides(config: Any, overrides: Sequence[tuple[str, str]]) -> No
   replaces (in config.model, else in the preset). ValueError names the key."""
   if not overrides:
     return
+  import ml_collections  # pylint: disable=g-import-not-at-top
   from vit_jax.models import presets  # pylint: disable=g-import-not-at-top
   fields = presets.model_fields()
   preset = presets.get_config(config.model_name) if config.get('model_name') else {}
   for key, raw in overrides:
     *parents, leaf = key.split('.')
+    field = key.partition('.')[0]   # The model field the path starts at.
     arg = f'--config.model.{key}={raw}'
-    if key.split('.')[0] in _MODEL_FIELDS_FROM_CONFIG:
+    if field in _MODEL_FIELDS_FROM_CONFIG:
       raise ValueError(f'{arg}: the model\'s {key} comes from '
-                       f'{_MODEL_FIELDS_FROM_CONFIG[key.split(".")[0]]}; set that instead.')
-    if key.split('.')[0] not in fields:
-      near = difflib.get_close_matches(key.split('.')[0], sorted(fields), n=3, cutoff=0.5)
-      raise ValueError(f'unknown model field {key.split(".")[0]!r} in {arg}; '
+                       f'{_MODEL_FIELDS_FROM_CONFIG[field]}; set that instead.')
+    if field not in fields:
+      near = difflib.get_close_matches(field, sorted(fields), n=3, cutoff=0.5)
+      raise ValueError(f'unknown model field {field!r} in {arg}; '
                        f'{"nearest: " + ", ".join(near) if near else "fields: " + ", ".join(sorted(fields))}.')
     current = _get(config.get('model') or {}, key)
     if current is None:
@@ -161,7 +170,6 @@ def set_model_overrides(config: Any, overrides: Sequence[tuple[str, str]]) -> No
     if current is not None and value is not None and _kind(value) != _kind(current):
       raise ValueError(f'{arg}: model.{key} is {_kind(current)} ({current!r}), '
                        f'got {_kind(value)}.')
-    import ml_collections  # pylint: disable=g-import-not-at-top
     with config.unlocked():
       if config.get('model') is None:
         config.model = ml_collections.ConfigDict()
@@ -171,15 +179,6 @@ def set_model_overrides(config: Any, overrides: Sequence[tuple[str, str]]) -> No
           node[part] = ml_collections.ConfigDict()
         node = node[part]
       node[leaf] = value
-
-
-def _get(tree: Any, key: str) -> Any:
-  """tree[a][b]... for the path 'a.b...', or None."""
-  for part in key.split('.'):
-    if not hasattr(tree, 'keys') or part not in tree.keys():
-      return None
-    tree = tree[part]
-  return tree
 
 
 def command_line_error(argv: Sequence[str], error: Exception) -> str:
